@@ -1,0 +1,25 @@
+"""Method handlers: `handle(server, req)` returns a result, or PENDING when the engine will answer."""
+
+PENDING = object()
+
+from . import generate, lifecycle, model, runtime, tokenize  # noqa: E402
+
+HANDLERS = {
+    "initialize": lifecycle.initialize,
+    "shutdown": lifecycle.shutdown,
+    "exit": lifecycle.exit,
+    "runtime/ping": runtime.ping,
+    "runtime/info": runtime.info,
+    "model/load": model.load,
+    "model/unload": model.unload,
+    "model/list": model.list_models,
+    "generate": generate.generate,
+    "tokenize": tokenize.tokenize,
+    "detokenize": tokenize.detokenize,
+}
+
+# Notifications with their own meaning; other methods sent as notifications run unanswered.
+NOTIFICATIONS = {
+    "exit": lifecycle.exit,
+    "$/cancelRequest": lifecycle.cancel_request,
+}

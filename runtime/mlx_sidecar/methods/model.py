@@ -1,0 +1,77 @@
+"""model/load, model/unload and model/list."""
+
+import logging
+import sys
+
+from .. import models
+from ..errors import INVALID_PARAMS, RpcError, model_not_found
+from . import PENDING
+
+log = logging.getLogger(__name__)
+
+
+def _already(server, model_id: str, source: str):
+    loaded = server.engine.models.get(model_id)
+    if loaded is None:
+        return None
+    if loaded.source != source:
+        raise RpcError(INVALID_PARAMS, f"id {model_id!r} is already used by the model loaded from {loaded.source!r}; unload it first or pick another id", path="/id")
+    return loaded.info
+
+
+def load(server, req):
+    source = req.params["model"]
+    model_id = req.params.get("id", source)
+    info = _already(server, model_id, source)
+    if info is not None:
+        return info
+    server.pending_loads[model_id] = server.pending_loads.get(model_id, 0) + 1
+
+    def run(engine):
+        try:
+            return _load(server, engine, req, source, model_id)
+        finally:
+            server.pending_loads[model_id] -= 1
+
+    server.engine.call(req, run)
+    return PENDING
+
+
+def _load(server, engine, req, source, model_id):
+    info = _already(server, model_id, source)  # an identical load queued earlier may have done it
+    if info is not None:
+        return info
+    progress = server.progress_reporter(req, f"Loading {source}")
+    try:
+        loaded = models.load(
+            source, model_id=model_id,
+            dtype=req.params.get("dtype", "auto"),
+            trust_remote_code=req.params.get("trust_remote_code", False),
+            device_type=engine.device["type"],
+            progress=progress,
+        )
+    finally:
+        progress(1.0, "done", end=True)
+    engine.models[model_id] = loaded
+    log.info("loaded %s as %r in %.0f ms", source, model_id, loaded.info["load_ms"])
+    return loaded.info
+
+
+def unload(server, req):
+    model_id = req.params["model"]
+    server.check_model(model_id)
+    server.engine.call(req, lambda engine: _unload(engine, model_id))
+    return PENDING
+
+
+def _unload(engine, model_id):
+    loaded = engine.models.pop(model_id, None)
+    if loaded is None:
+        raise model_not_found(model_id)
+    engine.abort_model(model_id)
+    models.release(loaded)
+    return {"id": model_id}
+
+
+def list_models(server, req):
+    return {"models": [m.info for m in list(server.engine.models.values())]}

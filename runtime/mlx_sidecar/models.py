@@ -1,0 +1,154 @@
+"""Loading models on the engine thread, and the facts about them that model/load reports."""
+
+import gc
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import MODEL_LOAD_FAILED, RpcError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    id: str
+    source: str
+    path: Path
+    kind: str            # "llm" or "vlm"
+    model: Any
+    tokenizer: Any       # mlx-lm's TokenizerWrapper
+    config: dict
+    info: dict = field(default_factory=dict)   # the ModelInfo the protocol reports
+
+    @property
+    def context_length(self) -> int | None:
+        return self.info["context_length"]
+
+
+def chunk_tokens_for(parameters: int) -> int:
+    """Tokens per chunk by model size: small models are fast, so they batch more tokens."""
+    billions = parameters / 1e9
+    if billions < 4:
+        return 32
+    if billions < 15:
+        return 16
+    if billions < 50:
+        return 8
+    return 4
+
+
+def _context_length(config: dict) -> int | None:
+    for cfg in (config, config.get("text_config") or {}):
+        for key in ("max_position_embeddings", "max_sequence_length", "n_positions", "seq_length", "context_length"):
+            value = cfg.get(key)
+            if isinstance(value, int) and value > 0:
+                return value
+    return None
+
+
+def _resolve(source: str, progress) -> Path:
+    """A local MLX model directory for a model string (paths, aliases, GGUF files)."""
+    try:
+        from .sources import SourceError, resolve
+    except ImportError:  # sources.py not present: plain directories only
+        resolve = None
+    if resolve is None:
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise RpcError(MODEL_LOAD_FAILED, f"no model at {source!r}: the path does not exist", type="model_path_not_found", model=source)
+        return path
+    try:
+        return Path(resolve(source, progress=progress))
+    except SourceError as e:
+        raise RpcError(MODEL_LOAD_FAILED, str(e), type=getattr(e, "type", "model_load_failed"), model=source) from None
+
+
+def load(source: str, *, model_id: str, dtype: str, trust_remote_code: bool, device_type: str,
+         progress: Callable[[float, str], None]) -> LoadedModel:
+    """Load a model with mlx-lm, apply the dtype policy, and measure it. Engine thread only."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_map
+    from mlx_lm.utils import dequantize_model, get_total_parameters, load as mlx_lm_load
+
+    started = time.perf_counter()
+    path = _resolve(source, progress)
+    if not path.is_dir():
+        raise RpcError(MODEL_LOAD_FAILED, f"{source!r} is not a model directory (a directory with config.json and *.safetensors)", type="invalid_model", model=source)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise RpcError(MODEL_LOAD_FAILED, f"{str(path)!r} has no config.json, so it is not a model directory", type="invalid_model", model=source)
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as e:
+        raise RpcError(MODEL_LOAD_FAILED, f"{config_file} is not valid JSON: {e}", type="invalid_model", model=source) from None
+    if "vision_config" in config:
+        raise RpcError(MODEL_LOAD_FAILED, f"{source!r} is a vision-language model ({config.get('model_type')}); this runtime does not load VLMs yet", type="unsupported_architecture", model=source)
+    progress(0.5, "loading weights")
+    try:
+        model, tokenizer = mlx_lm_load(str(path), lazy=True, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        text = str(e)
+        kind = "unsupported_architecture" if "not supported" in text or "Model type" in text else "invalid_model"
+        if "trust_remote_code" in text:
+            kind = "trust_remote_code_required"
+        raise RpcError(MODEL_LOAD_FAILED, f"could not load {source!r}: {text}", type=kind, model=source) from None
+    except FileNotFoundError as e:
+        raise RpcError(MODEL_LOAD_FAILED, f"could not load {source!r}: {e}", type="invalid_model", model=source) from None
+    except Exception as e:
+        raise RpcError(MODEL_LOAD_FAILED, f"could not load {source!r}: {type(e).__name__}: {e}", type="model_load_failed", model=source) from None
+
+    parameters = int(get_total_parameters(model))
+    quantization = config.get("quantization") or config.get("quantization_config")
+    want = dtype
+    if want == "auto":
+        # On CPU float32 is by far the fastest (and bf16 hurts small models); GPUs keep the weights as they are.
+        want = "float32" if device_type == "cpu" else None
+    if want is not None:
+        if quantization:
+            model = dequantize_model(model)
+            quantization = None
+        target = getattr(mx, want)
+        model.update(tree_map(lambda a: a.astype(target) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters()))
+    mx.eval(model.parameters())
+
+    params = tree_flatten(model.parameters())
+    float_dtypes = {str(a.dtype).replace("mlx.core.", "") for _, a in params if mx.issubdtype(a.dtype, mx.floating)}
+    memory_bytes = sum(a.nbytes for _, a in params)
+    info = {
+        "id": model_id,
+        "kind": "llm",
+        "path": str(path),
+        "architecture": str(config.get("model_type", "unknown")),
+        "parameters": parameters,
+        "context_length": _context_length(config),
+        "dtype": "float32" if float_dtypes == {"float32"} else ",".join(sorted(float_dtypes)) or "unknown",
+        "quantization": _quantization_info(quantization),
+        "memory_bytes": int(memory_bytes),
+        "load_ms": round((time.perf_counter() - started) * 1000, 1),
+        "chunk_tokens": chunk_tokens_for(parameters),
+    }
+    return LoadedModel(id=model_id, source=source, path=path, kind="llm", model=model,
+                       tokenizer=tokenizer, config=config, info=info)
+
+
+def _quantization_info(q) -> dict | None:
+    if not q or not isinstance(q, dict):
+        return None
+    out = {"bits": int(q.get("bits", 0)), "group_size": int(q.get("group_size", 0))}
+    if q.get("mode"):
+        out["mode"] = str(q["mode"])
+    return out
+
+
+def release(loaded: LoadedModel) -> None:
+    """Drop a model's arrays and give the memory back."""
+    import mlx.core as mx
+
+    loaded.model = None
+    loaded.tokenizer = None
+    gc.collect()
+    mx.clear_cache()

@@ -1,0 +1,222 @@
+"""Wiring and lifecycle: the reader thread, the dispatcher, the engine and the writer.
+
+stdout is reserved for frames: at start the real stdout is duplicated for the writer and fd 1 is
+pointed at stderr, so a stray print() or a C library's output can never corrupt the stream."""
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from importlib import metadata
+
+from . import framing
+from .dispatcher import Dispatcher
+from .engine import Engine
+from .errors import model_not_found
+from .writer import Writer
+
+log = logging.getLogger(__name__)
+
+STOP_BUDGET = 0.9  # seconds from EOF/SIGTERM to exit
+
+
+class Server:
+    def __init__(self, framing_name: str = "auto", max_frame_bytes: int = framing.DEFAULT_MAX_FRAME_BYTES,
+                 preload: list[str] = ()):
+        self.requested_framing = framing_name
+        self.framing = framing_name
+        self.max_frame_bytes = max_frame_bytes
+        self.preload = list(preload)
+        self.started_at = time.monotonic()
+        self.inflight: dict = {}
+        self.pending_loads: dict = {}   # model id → loads queued or running
+        self.shutting_down = False
+        self.got_shutdown = False
+        self._shutdown_req = None
+        self._stop = threading.Event()
+        self._exit_code = 0
+        self._versions = None
+        self.writer = None
+        self.engine = Engine()
+
+    # ---- lifecycle ----
+    def serve(self, in_fd: int, out_fd: int) -> int:
+        for source in self.preload:
+            self.engine.call(_Preload(self, source), lambda engine, s=source: _preload(self, engine, s))
+        reader = threading.Thread(target=self._read, args=(in_fd, out_fd), name="mlx-sidecar-reader", daemon=True)
+        reader.start()
+        while not self._stop.wait(0.5):
+            pass
+        return self._teardown()
+
+    def stop(self, code: int = 0) -> None:
+        if not self._stop.is_set():
+            self._exit_code = code
+            self._stop.set()
+
+    def begin_shutdown(self, req) -> None:
+        self.shutting_down = True
+        self.got_shutdown = True
+        self._shutdown_req = req
+        self._maybe_finish_shutdown()
+
+    def request_done(self, req) -> None:
+        if not req.is_notification:
+            self.inflight.pop(req.id, None)
+        if self._shutdown_req is not None and req is not self._shutdown_req:
+            self._maybe_finish_shutdown()
+
+    def _maybe_finish_shutdown(self) -> None:
+        req = self._shutdown_req
+        if req is not None and all(r is req for r in list(self.inflight.values())):
+            self._shutdown_req = None
+            req.respond({})
+            if self._eof:
+                self.stop(0)
+
+    _eof = False
+
+    def _read(self, in_fd: int, out_fd: int) -> None:
+        read = lambda n: os.read(in_fd, n)
+        try:
+            first = read(1 << 16)
+        except OSError:
+            first = b""
+        name = self.requested_framing
+        if name == "auto":
+            name = framing.detect(first) if first else "ndjson"
+        self.framing = name
+        codec = framing.load(name)
+        self.writer = Writer(out_fd, codec.encode, on_broken_pipe=lambda: self.stop(0))
+        log.debug("framing: %s", name)
+        dispatcher = Dispatcher(self)
+        try:
+            if first:
+                for frame in codec.Reader(_safe(read), self.max_frame_bytes, first):
+                    dispatcher.handle(frame)
+                    if self._stop.is_set():
+                        return
+        except Exception:
+            log.exception("reader failed")
+        # EOF: the host is gone. After shutdown, let the drain finish; otherwise stop now.
+        self._eof = True
+        if self._shutdown_req is None or not self.inflight:
+            self.stop(0)
+
+    def _teardown(self) -> int:
+        deadline = time.monotonic() + STOP_BUDGET
+        self.shutting_down = True
+        for req in list(self.inflight.values()):
+            req.cancel()
+        self.engine.stop()
+        self.engine.join(max(0.0, deadline - time.monotonic() - 0.2))
+        if self.writer is not None:
+            self.writer.flush(max(0.05, deadline - time.monotonic()))
+        logging.shutdown()
+        try:
+            sys.stderr.flush()
+        except Exception:
+            pass
+        os._exit(self._exit_code)
+
+    # ---- helpers for methods ----
+    def check_model(self, model_id: str) -> None:
+        """Fail fast for a model that is neither loaded nor being loaded; the engine looks it up
+        again in order, so `model/load` then `generate` can be pipelined."""
+        if model_id not in self.engine.models and not self.pending_loads.get(model_id):
+            raise model_not_found(model_id)
+
+    def versions(self) -> dict:
+        if self._versions is None:
+            from . import __version__
+
+            def v(name):
+                try:
+                    return metadata.version(name)
+                except metadata.PackageNotFoundError:
+                    return None
+
+            self._versions = {"mlx_sidecar": __version__, "python": sys.version.split()[0],
+                              "mlx": v("mlx"), "mlx_lm": v("mlx-lm"), "mlx_vlm": v("mlx-vlm")}
+        return self._versions
+
+    def progress_reporter(self, req, title: str):
+        """A callback(fraction, message, end=False) that sends $/progress for req (LSP's shape)."""
+        state = {"begun": False}
+        writer = self.writer
+
+        def report(fraction: float, message: str, end: bool = False):
+            if req.is_notification or writer is None:
+                return
+            if not state["begun"]:
+                state["begun"] = True
+                writer.send(_progress(req.id, {"kind": "begin", "title": title, "percentage": 0}))
+            if end:
+                value = {"kind": "end", "message": message}
+            else:
+                value = {"kind": "report", "message": message, "percentage": round(max(0.0, min(1.0, fraction)) * 100, 1)}
+            writer.send(_progress(req.id, value))
+
+        return report
+
+
+def _progress(token, value) -> dict:
+    return {"jsonrpc": "2.0", "method": "$/progress", "params": {"token": token, "value": value}}
+
+
+def _safe(read):
+    def wrapped(n):
+        try:
+            return read(n)
+        except OSError:
+            return b""
+    return wrapped
+
+
+class _Preload:
+    """A stand-in request for --model, answered into the log."""
+
+    is_notification = True
+    method = "model/load"
+    params: dict = {}
+    cancel_requested = False
+
+    def __init__(self, server, source):
+        self.source = source
+
+    def try_start(self):
+        return True
+
+    def respond(self, result, buf=None):
+        pass
+
+    def fail(self, error, buf=None):
+        log.error("could not preload %s: %s", self.source, error.message)
+
+
+def _preload(server, engine, source):
+    from .methods.model import _load
+
+    class R:
+        is_notification = True
+        params = {"model": source}
+        id = None
+
+    return _load(server, engine, R, source, source)
+
+
+def install_signal_handlers(server: Server) -> None:
+    signal.signal(signal.SIGTERM, lambda *_: server.stop(0))
+    signal.signal(signal.SIGINT, lambda *_: server.stop(0))
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL if False else signal.SIG_IGN)
+
+
+def reserve_stdout() -> int:
+    """Keep the real stdout for frames only; everything else written to fd 1 goes to stderr."""
+    out_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return out_fd

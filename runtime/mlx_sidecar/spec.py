@@ -1,0 +1,94 @@
+"""The protocol spec as data: loads protocol/ and validates params against its JSON Schemas."""
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from .errors import INVALID_PARAMS, RpcError
+
+
+def protocol_dir() -> Path:
+    """protocol/ inside an installed wheel, else the one at the root of a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "protocol", here.parents[1] / "protocol"):
+        if (candidate / "protocol.json").is_file():
+            return candidate
+    raise FileNotFoundError("protocol/protocol.json not found next to mlx_sidecar or at the repository root")
+
+
+@lru_cache(maxsize=1)
+def index() -> dict:
+    return json.loads((protocol_dir() / "protocol.json").read_text())
+
+
+@lru_cache(maxsize=1)
+def _registry():
+    from referencing import Registry, Resource
+
+    resources = []
+    for path in sorted((protocol_dir() / "schemas").glob("*.json")):
+        schema = json.loads(path.read_text())
+        resources.append((schema["$id"], Resource.from_contents(schema)))
+    return Registry().with_resources(resources)
+
+
+@lru_cache(maxsize=None)
+def _validator(schema_file: str):
+    from jsonschema import Draft202012Validator
+
+    schema = json.loads((protocol_dir() / schema_file).read_text())
+    return Draft202012Validator(schema, registry=_registry())
+
+
+def schema_file(method: str, part: str = "params") -> str | None:
+    """The schema path (relative to protocol/) for a method's or notification's params/result."""
+    ix = index()
+    for table in ("methods", "client_notifications", "server_notifications"):
+        entry = ix[table].get(method)
+        if entry is not None:
+            return entry.get(part)
+    return None
+
+
+def validate(method: str, part: str, value) -> None:
+    """Raise -32602 naming the failing field's JSON Pointer when value breaks the schema."""
+    file = schema_file(method, part)
+    if file is None:
+        return
+    validator = _validator(file)
+    from jsonschema.exceptions import best_match
+
+    error = best_match(validator.iter_errors(value))
+    if error is not None:
+        path, message = _describe(error, value)
+        raise RpcError(INVALID_PARAMS, f"invalid params for {method}: {message}", path=path)
+
+
+def _pointer(parts) -> str:
+    return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def _describe(error, root) -> tuple[str, str]:
+    """A JSON Pointer and a message that says what to change."""
+    parts = list(error.absolute_path)
+    where = _pointer(parts)
+    v = error.validator
+    if v == "required":
+        missing = [k for k in error.validator_value if not (isinstance(error.instance, dict) and k in error.instance)]
+        name = missing[0] if missing else error.validator_value[0]
+        return _pointer(parts + [name]), f"{_pointer(parts + [name])} is required"
+    if v == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = set(error.schema.get("properties", {}))
+        extra = sorted(k for k in error.instance if k not in allowed)
+        name = extra[0] if extra else "?"
+        known = ", ".join(sorted(allowed)) or "none"
+        return _pointer(parts + [name]), f"unknown field {_pointer(parts + [name])} (known fields: {known})"
+    if v == "anyOf" and all(set(s) == {"required"} for s in error.validator_value):
+        names = " or ".join(s["required"][0] for s in error.validator_value)
+        return where or "", f"give {names}"
+    if v == "not" and "required" in error.validator_value:
+        other = error.validator_value["required"][0]
+        path = list(error.schema_path)
+        first = path[path.index("dependentSchemas") + 1] if "dependentSchemas" in path else "?"
+        return _pointer(parts + [other]), f"give {first} or {other}, not both"
+    return where or "", f"{where or 'params'}: {error.message}"

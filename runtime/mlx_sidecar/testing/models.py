@@ -1,0 +1,84 @@
+"""Tiny llama-type model directories that plain `mlx_lm.load` reads: random weights, a byte-level
+BPE tokenizer trained in milliseconds, and a ChatML chat template."""
+
+import json
+from pathlib import Path
+
+PRESETS = {
+    # ~0.1M parameters: about 1 ms per token on a laptop CPU, the worst case for bridge overhead.
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=1024),
+    # ~24M parameters: slow enough to see batching pay off.
+    "small": dict(hidden_size=512, num_hidden_layers=8, intermediate_size=1408, num_attention_heads=8,
+                  num_key_value_heads=4, max_position_embeddings=4096),
+}
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Hello world! How are you today? I am fine, thank you.",
+    "MLX runs language models on Apple silicon, CUDA and plain CPUs.",
+    "A sidecar speaks JSON-RPC over stdin and stdout, one frame at a time.",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Symbols: {}[]()<>,.;:!?\"'-_+=*/\\|@#$%^&~`",
+    "The quick brown fox jumps over the lazy dog while streams of tokens flow.",
+]
+
+
+def _tokenizer(vocab_size: int = 420):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return tok
+
+
+def make_model(directory, preset: str = "tiny", seed: int = 0, reachable_eos: bool = False) -> Path:
+    """Write a model directory and return its path."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.models import llama
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = _tokenizer()
+    tok.save(str(out / "tokenizer.json"))
+    vocab_size = tok.get_vocab_size()
+    eos_id = tok.token_to_id("<|im_end|>")
+    config = {
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "bos_token_id": tok.token_to_id("<|endoftext|>"),
+        "eos_token_id": eos_id,
+        **PRESETS[preset],
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "chat_template": CHAT_TEMPLATE,
+        "model_max_length": config["max_position_embeddings"],
+    }, indent=2))
+    mx.random.seed(seed)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    weights = dict(tree_flatten(model.parameters()))
+    emb = weights["model.embed_tokens.weight"] * 4.0  # sharper logits: less uniform sampling
+    if not reachable_eos:
+        # With tied embeddings, zero rows give special tokens a logit of 0: greedy never picks them.
+        special = mx.array([tok.token_to_id(s) for s in SPECIALS])
+        emb[special] = 0.0
+    weights["model.embed_tokens.weight"] = emb
+    mx.save_safetensors(str(out / "model.safetensors"), weights)
+    return out

@@ -1,0 +1,174 @@
+"""The writer thread: the only code that touches the protocol's stdout.
+
+Everything outgoing goes through one queue, so frames never interleave. Streamed tokens wait in
+a per-request `ChunkBuffer`; the writer sends a chunk when the engine asks (first token, or N
+tokens buffered) or when the oldest buffered token has waited `max_latency` seconds."""
+
+import heapq
+import logging
+import os
+import queue
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+_monotonic = time.monotonic
+
+
+class ChunkBuffer:
+    """Tokens and text of one streaming request, filled by the engine and drained by the writer."""
+
+    __slots__ = ("request_id", "chunk_tokens", "max_latency", "lock", "token_ids", "text",
+                 "since", "index", "flush_asked", "timer_set", "closed")
+
+    def __init__(self, request_id, chunk_tokens: int, max_latency: float):
+        self.request_id = request_id
+        self.chunk_tokens = chunk_tokens
+        self.max_latency = max_latency
+        self.lock = threading.Lock()
+        self.token_ids: list[int] = []
+        self.text: list[str] = []
+        self.since = 0.0       # when the oldest buffered token arrived
+        self.index = 0         # the next chunk's index
+        self.flush_asked = False
+        self.timer_set = False
+        self.closed = False
+
+    def take(self):
+        """The pending chunk's params, or None when nothing is buffered. Caller holds no lock."""
+        with self.lock:
+            self.flush_asked = False
+            self.timer_set = False
+            if not self.token_ids and not self.text:
+                return None
+            params = {"id": self.request_id, "index": self.index,
+                      "text": "".join(self.text), "token_ids": self.token_ids}
+            self.index += 1
+            self.token_ids = []
+            self.text = []
+            return params
+
+
+class Writer:
+    def __init__(self, fd: int, encode, on_broken_pipe=None):
+        self._fd = fd
+        self._encode = encode
+        self._on_broken_pipe = on_broken_pipe
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="mlx-sidecar-writer", daemon=True)
+        self._broken = False
+        self.bytes_written = 0
+        self._thread.start()
+
+    # ---- called from any thread ----
+    def send(self, message) -> None:
+        self._q.put(("msg", message))
+
+    def add_tokens(self, buf: ChunkBuffer, token_ids, text: str, flush: bool) -> None:
+        """Engine side: buffer new tokens/text; ask for a chunk now (flush) or by the deadline."""
+        now = _monotonic()
+        with buf.lock:
+            if not buf.token_ids and not buf.text:
+                buf.since = now
+            if isinstance(token_ids, int):
+                buf.token_ids.append(token_ids)
+            else:
+                buf.token_ids.extend(token_ids)
+            if text:
+                buf.text.append(text)
+            n = len(buf.token_ids)
+            ask_flush = (flush or n >= buf.chunk_tokens or buf.max_latency <= 0) and not buf.flush_asked
+            if ask_flush:
+                buf.flush_asked = True
+            set_timer = not ask_flush and not buf.flush_asked and not buf.timer_set
+            if set_timer:
+                buf.timer_set = True
+        if ask_flush:
+                self._q.put(("flush", buf))
+        elif set_timer:
+            self._q.put(("timer", buf, buf.since + buf.max_latency))
+
+    def finish(self, buf: ChunkBuffer | None, response) -> None:
+        """Send what is left in the buffer as a last chunk, then the response."""
+        self._q.put(("finish", buf, response))
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything queued so far has been written (or the pipe broke)."""
+        marker = threading.Event()
+        self._q.put(("mark", marker))
+        return marker.wait(timeout)
+
+    # ---- the writer thread ----
+    def _run(self):
+        timers: list = []  # (deadline, seq, buf)
+        seq = 0
+        out: list[bytes] = []
+        encode = self._encode
+        while True:
+            timeout = None
+            if timers:
+                timeout = max(0.0, timers[0][0] - _monotonic())
+            try:
+                item = self._q.get(timeout=timeout)
+            except queue.Empty:
+                item = None
+            marks = []
+            while item is not None:
+                kind = item[0]
+                if kind == "msg":
+                    out.append(encode(item[1]))
+                elif kind == "flush":
+                    params = item[1].take()
+                    if params is not None:
+                        out.append(encode({"jsonrpc": "2.0", "method": "generate/chunk", "params": params}))
+                elif kind == "timer":
+                    seq += 1
+                    heapq.heappush(timers, (item[2], seq, item[1]))
+                elif kind == "finish":
+                    buf = item[1]
+                    if buf is not None:
+                        params = buf.take()
+                        buf.closed = True
+                        if params is not None:
+                            out.append(encode({"jsonrpc": "2.0", "method": "generate/chunk", "params": params}))
+                    if item[2] is not None:
+                        out.append(encode(item[2]))
+                elif kind == "mark":
+                    marks.append(item[1])
+                # Coalesce whatever else is already queued into one write.
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    item = None
+            now = _monotonic()
+            while timers and timers[0][0] <= now:
+                _, _, buf = heapq.heappop(timers)
+                if buf.closed:
+                    continue
+                with buf.lock:
+                    due = buf.timer_set and buf.since + buf.max_latency <= now + 0.0005
+                if due:
+                    params = buf.take()
+                    if params is not None:
+                        out.append(encode({"jsonrpc": "2.0", "method": "generate/chunk", "params": params}))
+            if out:
+                self._write(b"".join(out) if len(out) > 1 else out[0])
+                out.clear()
+            for m in marks:
+                m.set()
+
+    def _write(self, data: bytes) -> None:
+        if self._broken:
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+            self.bytes_written += len(data)
+        except (BrokenPipeError, OSError) as e:
+            self._broken = True
+            log.warning("stdout closed (%s); stopping", e)
+            if self._on_broken_pipe:
+                self._on_broken_pipe()
