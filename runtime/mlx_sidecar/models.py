@@ -50,21 +50,19 @@ def _context_length(config: dict) -> int | None:
     return None
 
 
+# sources.py's error types, as the protocol names them (protocol.json, -32001).
+_SOURCE_TYPES = {"model_not_found": "model_path_not_found", "unsupported_model": "unsupported_architecture"}
+
+
 def _resolve(source: str, progress) -> Path:
-    """A local MLX model directory for a model string (paths, aliases, GGUF files)."""
-    try:
-        from .sources import SourceError, resolve
-    except ImportError:  # sources.py not present: plain directories only
-        resolve = None
-    if resolve is None:
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise RpcError(MODEL_LOAD_FAILED, f"no model at {source!r}: the path does not exist", type="model_path_not_found", model=source)
-        return path
+    """A local MLX model directory for a model string (paths, aliases, GGUF files, hub ids)."""
+    from .sources import SourceError, resolve
+
     try:
         return Path(resolve(source, progress=progress))
     except SourceError as e:
-        raise RpcError(MODEL_LOAD_FAILED, str(e), type=getattr(e, "type", "model_load_failed"), model=source) from None
+        kind = getattr(e, "type", "model_load_failed")
+        raise RpcError(MODEL_LOAD_FAILED, str(e), type=_SOURCE_TYPES.get(kind, kind), model=source) from None
 
 
 def load(source: str, *, model_id: str, dtype: str, trust_remote_code: bool, device_type: str,

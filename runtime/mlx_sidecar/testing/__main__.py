@@ -14,7 +14,7 @@ def main(argv=None) -> int:
     mk.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     mk.add_argument("--seed", type=int, default=0)
     mk.add_argument("--eos", action="store_true",
-                    help="let greedy decoding reach EOS (by default special tokens are never chosen, so runs last max_tokens)")
+                    help="make EOS reachable (by default generation always runs to max_tokens)")
     args = p.parse_args(argv)
     path = make_model(args.dir, preset=args.preset, seed=args.seed, reachable_eos=args.eos)
     print(path, file=sys.stderr)

@@ -57,16 +57,17 @@ def make_model(directory, preset: str = "tiny", seed: int = 0, reachable_eos: bo
         "vocab_size": vocab_size,
         "rms_norm_eps": 1e-5,
         "rope_theta": 10000.0,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": False,
         "bos_token_id": tok.token_to_id("<|endoftext|>"),
-        "eos_token_id": eos_id,
+        # Without reachable_eos, EOS is an id past the vocabulary: no sampler can ever pick it.
+        "eos_token_id": eos_id if reachable_eos else vocab_size,
         **PRESETS[preset],
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": None,
-        "eos_token": "<|im_end|>",
+        "eos_token": "<|im_end|>" if reachable_eos else None,
         "pad_token": "<|endoftext|>",
         "chat_template": CHAT_TEMPLATE,
         "model_max_length": config["max_position_embeddings"],
@@ -74,11 +75,5 @@ def make_model(directory, preset: str = "tiny", seed: int = 0, reachable_eos: bo
     mx.random.seed(seed)
     model = llama.Model(llama.ModelArgs.from_dict(config))
     weights = dict(tree_flatten(model.parameters()))
-    emb = weights["model.embed_tokens.weight"] * 4.0  # sharper logits: less uniform sampling
-    if not reachable_eos:
-        # With tied embeddings, zero rows give special tokens a logit of 0: greedy never picks them.
-        special = mx.array([tok.token_to_id(s) for s in SPECIALS])
-        emb[special] = 0.0
-    weights["model.embed_tokens.weight"] = emb
     mx.save_safetensors(str(out / "model.safetensors"), weights)
     return out

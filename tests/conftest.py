@@ -1,0 +1,58 @@
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlx_sidecar import blas
+
+blas.preload()  # before anything imports mlx.core, as the runtime does
+
+from mlx_sidecar.testing import make_model
+from mlx_sidecar.testing.pipe import Pipe
+
+ROOT = Path(__file__).resolve().parents[1]
+FRAMINGS = ("ndjson", "lsp", "msgpack")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A ~0.1M-parameter random llama (about 1 ms per token); greedy never reaches EOS."""
+    return str(make_model(tmp_path_factory.mktemp("tiny"), preset="tiny"))
+
+
+@pytest.fixture(scope="session")
+def eos_model(tmp_path_factory) -> str:
+    """The same shape, but special tokens (EOS) can be sampled."""
+    return str(make_model(tmp_path_factory.mktemp("tiny-eos"), preset="tiny", reachable_eos=True))
+
+
+@pytest.fixture
+def spawn():
+    """Start real runtimes as subprocesses; all are closed after the test."""
+    pipes = []
+
+    def start(framing="ndjson", args=(), **kw):
+        p = Pipe(framing, args=args, **kw)
+        pipes.append(p)
+        return p
+
+    yield start
+    for p in pipes:
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()
+
+
+@pytest.fixture
+def loaded(spawn, tiny_model):
+    """A runtime (ndjson) with the tiny model loaded as "m"."""
+    p = spawn()
+    answer, _ = p.request("model/load", {"model": tiny_model, "id": "m"})
+    assert "result" in answer, answer
+    return p
+
+
+def chunks_of(notes, id):
+    return [n["params"] for n in notes if n.get("method") == "generate/chunk" and n["params"]["id"] == id]

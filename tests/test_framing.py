@@ -1,0 +1,101 @@
+"""The three framings over the real pipe: round trips, bad frames, resynchronisation."""
+
+import msgpack
+import pytest
+
+from conftest import FRAMINGS, chunks_of
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_round_trip_in_every_framing(spawn, tiny_model, framing):
+    p = spawn(framing)  # auto-detected from the first byte
+    answer, _ = p.request("initialize", {"client_info": {"name": "test"}})
+    assert answer["result"]["capabilities"]["framing"] == framing
+    answer, notes = p.request("model/load", {"model": tiny_model, "id": "m"})
+    assert answer["result"]["id"] == "m"
+    assert [n["params"]["value"]["kind"] for n in notes if n["method"] == "$/progress"][0] == "begin"
+    answer, notes = p.request("generate", {"model": "m", "prompt": "Hello", "max_tokens": 20, "temperature": 0})
+    chunks = chunks_of(notes, answer["id"])
+    assert [c["index"] for c in chunks] == list(range(len(chunks)))
+    assert "".join(c["text"] for c in chunks) == answer["result"]["text"]
+    assert sum(len(c["token_ids"]) for c in chunks) == answer["result"]["usage"]["completion_tokens"] == 20
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_explicit_framing_flag(spawn, framing):
+    p = spawn(framing, args=["--framing", framing])
+    assert p.request("runtime/ping")[0]["result"] == {}
+
+
+def test_ndjson_bad_frames_resync(spawn):
+    p = spawn("ndjson")
+    p.send_raw(b'{"jsonrpc":"2.0","id":1,"method":"runtime/ping"\n')          # truncated JSON
+    p.send_raw(b'{"jsonrpc":"2.0","id":2,"method":"\xff\xfe"}\n')           # bad UTF-8
+    p.send_raw(b'\n   \n')                                                  # blank lines: ignored
+    p.send_raw(b'{"jsonrpc":"2.0","id":3,"method":"runtime/ping"}\r\n')     # CRLF is fine
+    first, second, third = p.recv(), p.recv(), p.recv()
+    for bad in (first, second):
+        assert bad["id"] is None and bad["error"]["code"] == -32700
+    assert third == {"jsonrpc": "2.0", "id": 3, "result": {}}
+
+
+def test_ndjson_frame_too_large_is_skipped(spawn):
+    p = spawn("ndjson", args=["--max-frame-bytes", "1000"])
+    p.send_raw(b'{"jsonrpc":"2.0","id":1,"method":"runtime/ping","params":{"pad":"' + b"x" * 200_000 + b'"}}\n')
+    p.send_raw(b'{"jsonrpc":"2.0","id":2,"method":"runtime/ping"}\n')
+    err = p.recv()
+    assert err["id"] is None and err["error"]["code"] == -32600
+    assert err["error"]["data"]["type"] == "frame_too_large"
+    assert p.recv() == {"jsonrpc": "2.0", "id": 2, "result": {}}
+
+
+def test_lsp_bad_header_and_oversized_body(spawn):
+    p = spawn("lsp", args=["--max-frame-bytes", "1000"])
+    p.send_raw(b"Content-Length: 5\r\n\r\n{bad}")                               # bad JSON body
+    p.send_raw(b"Content-Length: abc\r\n\r\n")                                 # bad header
+    p.send_raw(b"Content-Type: x\r\n\r\n")                                     # no length
+    big = b'{"jsonrpc":"2.0","id":9,"method":"runtime/ping","params":{"p":"' + b"y" * 5000 + b'"}}'
+    p.send_raw(b"Content-Length: %d\r\n\r\n" % len(big) + big)                # skipped by its length
+    p.send({"jsonrpc": "2.0", "id": 2, "method": "runtime/ping"})
+    errors = [p.recv() for _ in range(4)]
+    assert [e["error"]["code"] for e in errors] == [-32700, -32700, -32700, -32600]
+    assert errors[3]["error"]["data"]["type"] == "frame_too_large"
+    assert all(e["id"] is None for e in errors)
+    assert p.recv() == {"jsonrpc": "2.0", "id": 2, "result": {}}
+
+
+def test_msgpack_undecodable_frame_then_recovers(spawn):
+    p = spawn("msgpack")
+    p.send({"jsonrpc": "2.0", "id": 1, "method": "runtime/ping"})
+    assert p.recv()["result"] == {}
+    p.send_raw(b"\xc1")  # a byte MessagePack never uses
+    err = p.recv()
+    assert err["id"] is None and err["error"]["code"] == -32700
+    p.send({"jsonrpc": "2.0", "id": 2, "method": "runtime/ping"})
+    assert p.recv() == {"jsonrpc": "2.0", "id": 2, "result": {}}
+    # A well-formed value that is not a request object.
+    p.send_raw(msgpack.packb(7))
+    assert p.recv()["error"]["code"] == -32600
+
+
+def test_msgpack_bin_id_is_rejected_cleanly(spawn):
+    p = spawn("msgpack")
+    p.send({"jsonrpc": "2.0", "id": b"\x01\x02", "method": "runtime/ping"})
+    err = p.recv()
+    assert err["error"]["code"] == -32600 and err["id"] is None
+
+
+def test_interactive_typing_byte_by_byte(spawn):
+    """A person typing: bytes arrive one at a time, answers come per line."""
+    p = spawn("ndjson")
+    for b in b'  {"jsonrpc": "2.0", "id": 1, "method": "runtime/ping"}\n':
+        p.send_raw(bytes([b]))
+    assert p.recv() == {"jsonrpc": "2.0", "id": 1, "result": {}}
+
+
+def test_last_line_without_newline_is_read_at_eof(spawn):
+    p = spawn("ndjson")
+    p.send_raw(b'{"jsonrpc":"2.0","id":1,"method":"runtime/ping"}')
+    p.close_stdin()
+    assert p.recv(10) == {"jsonrpc": "2.0", "id": 1, "result": {}}
+    assert p.proc.wait(10) == 0
