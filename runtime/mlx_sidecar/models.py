@@ -94,7 +94,7 @@ def load(source: str, *, model_id: str, dtype: str, trust_remote_code: bool, dev
         if "trust_remote_code" in text:
             kind = "trust_remote_code_required"
         raise RpcError(MODEL_LOAD_FAILED, f"could not load {source!r}: {text}", type=kind, model=source) from None
-    except FileNotFoundError as e:
+    except (FileNotFoundError, RuntimeError) as e:  # RuntimeError: mlx could not read the weight files
         raise RpcError(MODEL_LOAD_FAILED, f"could not load {source!r}: {e}", type="invalid_model", model=source) from None
     except Exception as e:
         raise RpcError(MODEL_LOAD_FAILED, f"could not load {source!r}: {type(e).__name__}: {e}", type="model_load_failed", model=source) from None
