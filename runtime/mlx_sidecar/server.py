@@ -146,8 +146,10 @@ class Server:
         """A callback(fraction, message, end=False) that sends $/progress for req (LSP's shape)."""
         state = {"begun": False}
         writer = self.writer
+        bar = _StderrBar(title)
 
         def report(fraction: float, message: str, end: bool = False):
+            bar.update(fraction, message, end)
             if req.is_notification or writer is None:
                 return
             if not state["begun"]:
@@ -160,6 +162,27 @@ class Server:
             writer.send(_progress(req.id, value))
 
         return report
+
+
+class _StderrBar:
+    """Progress for a person: a bar redrawn in place on a terminal, a few log lines otherwise."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.tty = sys.stderr.isatty()
+        self.logged = -1
+
+    def update(self, fraction: float, message: str, end: bool) -> None:
+        pct = int(max(0.0, min(1.0, 1.0 if end else fraction)) * 100)
+        if self.tty:
+            filled = pct * 30 // 100
+            sys.stderr.write(f"\r{self.title[:40]} [{'#' * filled}{' ' * (30 - filled)}] {pct:3d}% {message[:40]:<40}")
+            if end:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+        elif end or pct // 25 > self.logged:
+            self.logged = pct // 25
+            log.info("%s: %d%% %s", self.title, pct, message)
 
 
 def _progress(token, value) -> dict:

@@ -40,6 +40,12 @@ def _validator(schema_file: str):
     return Draft202012Validator(schema, registry=_registry())
 
 
+@lru_cache(maxsize=None)
+def _empty_ok(schema_file: str) -> bool:
+    """Whether {} is valid, so the hot path (runtime/ping) can skip validation."""
+    return _validator(schema_file).is_valid({})
+
+
 def schema_file(method: str, part: str = "params") -> str | None:
     """The schema path (relative to protocol/) for a method's or notification's params/result."""
     ix = index()
@@ -53,7 +59,7 @@ def schema_file(method: str, part: str = "params") -> str | None:
 def validate(method: str, part: str, value) -> None:
     """Raise -32602 naming the failing field's JSON Pointer when value breaks the schema."""
     file = schema_file(method, part)
-    if file is None:
+    if file is None or (not value and _empty_ok(file)):
         return
     validator = _validator(file)
     from jsonschema.exceptions import best_match
