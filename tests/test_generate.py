@@ -104,6 +104,7 @@ def test_latency_deadline_flushes_partial_chunks(loaded):
 
 def test_messages_use_the_chat_template(loaded):
     answer, _ = loaded.request("tokenize", {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]})
+    assert "result" in answer, answer
     assert answer["result"]["text"] == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     result, _ = gen(loaded, prompt=None, messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
     assert result["usage"]["prompt_tokens"] > 10

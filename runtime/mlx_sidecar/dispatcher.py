@@ -26,7 +26,7 @@ class Request:
     """One request (or notification) from receipt to its single answer."""
 
     __slots__ = ("id", "method", "params", "received_at", "is_notification", "cancel_requested",
-                 "partial", "_sink", "_state", "_lock", "_server")
+                 "partial", "on_done", "_sink", "_state", "_lock", "_server")
 
     def __init__(self, server, id, method, params, sink, received_at):
         self.id = id
@@ -36,6 +36,7 @@ class Request:
         self.is_notification = id is _MISSING
         self.cancel_requested = False
         self.partial = None  # data for a cancellation that arrives before work starts
+        self.on_done = None  # called once, after the answer is queued
         self._sink = sink
         self._state = QUEUED
         self._lock = threading.Lock()
@@ -70,6 +71,8 @@ class Request:
                 return
             self._state = DONE
         self._sink(None if self.is_notification else message, buf)
+        if self.on_done is not None:
+            self.on_done()
         self._server.request_done(self)
 
 

@@ -1,7 +1,8 @@
 """The engine thread: the one owner of every MLX call (loading, prefill, decoding).
 
 Work arrives in an inbox. Control work (load, unload, tokenize) runs between decode steps, so it
-waits at most one token behind a running generation. Generations run one at a time, in order."""
+waits at most one step behind running generations. Each loaded model has a runner (runners.py);
+every loop steps each busy runner once, so models are served fairly."""
 
 import collections
 import logging
@@ -11,7 +12,8 @@ import threading
 import time
 
 from . import blas
-from .errors import CANCELLED, INTERNAL_ERROR, MODEL_UNLOADED, RpcError
+from .errors import INTERNAL_ERROR, MODEL_UNLOADED, RpcError
+from .runners import cancelled_error, make_runner
 
 log = logging.getLogger(__name__)
 
@@ -19,16 +21,17 @@ MEMORY_SNAPSHOT_EVERY = 0.25  # seconds between memory readings while generating
 
 
 class Engine:
-    def __init__(self):
+    def __init__(self, max_batch: int = 16, prompt_cache_bytes: int = 1 << 30, stalled=lambda: False):
         self.models: dict = {}          # id → LoadedModel; written here, read by the dispatcher
         self.device = {"type": "cpu", "backend": "cpu"}
-        self.versions: dict = {}
         self.memory = {"active_bytes": 0, "peak_bytes": 0, "cache_bytes": 0, "rss_bytes": 0}
         self.ready = threading.Event()
+        self.max_batch = max_batch
+        self.prompt_cache_bytes = prompt_cache_bytes
+        self._stalled = stalled         # True while the host is not reading our output
         self._inbox: collections.deque = collections.deque()
         self._cv = threading.Condition()
-        self._waiting: collections.deque = collections.deque()  # generations not started yet
-        self._active = None                                        # the generation decoding now
+        self._runners: dict = {}        # model id → runner
         self._stopping = False
         self._memory_at = 0.0
         self._thread = threading.Thread(target=self._run, name="mlx-sidecar-engine", daemon=True)
@@ -53,11 +56,11 @@ class Engine:
 
     @property
     def generating(self) -> int:
-        return 1 if self._active is not None else 0
+        return sum(len(r.active) for r in list(self._runners.values()))
 
     @property
     def queued(self) -> int:
-        return len(self._waiting) + len(self._inbox)
+        return sum(len(r.waiting) for r in list(self._runners.values())) + len(self._inbox)
 
     def _put(self, item) -> None:
         with self._cv:
@@ -65,12 +68,16 @@ class Engine:
             self._cv.notify()
 
     # ---- the engine thread ----
+    def _busy(self) -> bool:
+        return any(len(r) for r in self._runners.values())
+
     def _run(self) -> None:
         self._init_mlx()
         while True:
             with self._cv:
-                while not self._inbox and self._active is None and not self._waiting and not self._stopping:
-                    self._cv.wait()
+                while not self._inbox and not self._stopping and (not self._busy() or self._stalled()):
+                    # Idle, or paused because the host stopped reading (backpressure).
+                    self._cv.wait(None if not self._busy() else 0.01)
                 items = list(self._inbox)
                 self._inbox.clear()
                 stopping = self._stopping
@@ -78,19 +85,18 @@ class Engine:
                 if item[0] == "call":
                     self._run_call(item[1], item[2])
                 else:
-                    self._waiting.append(item[1])
+                    self._admit(item[1])
             if stopping:
-                self._cancel_all()
+                for runner in self._runners.values():
+                    runner.abort(lambda: cancelled_error("request cancelled: the runtime is stopping"))
                 return
-            if self._active is None:
-                self._start_next()
-            if self._active is not None:
-                self._active.step()
-                if self._active.done:
-                    self._active = None
-                    self._snapshot_memory()
-                elif time.monotonic() - self._memory_at > MEMORY_SNAPSHOT_EVERY:
-                    self._snapshot_memory()
+            if self._stalled():
+                continue
+            for runner in list(self._runners.values()):
+                if len(runner):
+                    runner.step()
+            if time.monotonic() - self._memory_at > MEMORY_SNAPSHOT_EVERY:
+                self._snapshot_memory()
 
     def _init_mlx(self) -> None:
         blas.preload()
@@ -119,51 +125,41 @@ class Engine:
         if not req.try_start():
             return  # cancelled while queued: already answered
         try:
-            req.respond(fn(self))
+            result = fn(self)
         except RpcError as e:
+            self._snapshot_memory()
             req.fail(e)
+            return
         except Exception as e:
             log.exception("%s failed", req.method)
             req.fail(RpcError(INTERNAL_ERROR, f"internal error in {req.method}: {type(e).__name__}: {e}"))
-        self._snapshot_memory()
-
-    def _start_next(self) -> None:
-        while self._waiting:
-            gen = self._waiting.popleft()
-            if not gen.req.try_start():
-                continue
-            try:
-                gen.start(self.models)
-            except RpcError as e:
-                gen.req.fail(e)
-                continue
-            except Exception as e:
-                log.exception("could not start generation")
-                gen.req.fail(RpcError(INTERNAL_ERROR, f"internal error starting generate: {type(e).__name__}: {e}"))
-                continue
-            self._active = gen
             return
+        self._snapshot_memory()  # before answering, so runtime/info right after sees the new model
+        req.respond(result)
+
+    def _admit(self, gen) -> None:
+        """Check and tokenize a new generation, then hand it to its model's runner."""
+        if not gen.req.try_start():
+            return
+        try:
+            gen.prepare(self.models)
+        except RpcError as e:
+            gen.req.fail(e)
+            return
+        except Exception as e:
+            log.exception("could not start generation")
+            gen.req.fail(RpcError(INTERNAL_ERROR, f"internal error starting generate: {type(e).__name__}: {e}"))
+            return
+        runner = self._runners.get(gen.model_id)
+        if runner is None or runner.loaded is not gen.loaded:
+            runner = self._runners[gen.model_id] = make_runner(gen.loaded, self.max_batch, self.prompt_cache_bytes)
+        runner.add(gen)
 
     def abort_model(self, model_id: str) -> None:
         """Fail every generation on a model that is being unloaded (engine thread)."""
-        for gen in list(self._waiting):
-            if gen.model_id == model_id:
-                self._waiting.remove(gen)
-                if gen.req.try_start():
-                    gen.finish_error(RpcError(MODEL_UNLOADED, f"model {model_id!r} was unloaded before this request ran"))
-        if self._active is not None and self._active.model_id == model_id:
-            self._active.finish_error(RpcError(MODEL_UNLOADED, f"model {model_id!r} was unloaded while this request ran"))
-            self._active = None
-
-    def _cancel_all(self) -> None:
-        err = lambda: RpcError(CANCELLED, "request cancelled: the runtime is stopping", finish_reason="cancelled")
-        if self._active is not None:
-            self._active.finish_error(err())
-            self._active = None
-        for gen in self._waiting:
-            if gen.req.try_start():
-                gen.finish_error(err())
-        self._waiting.clear()
+        runner = self._runners.pop(model_id, None)
+        if runner is not None:
+            runner.abort(lambda: RpcError(MODEL_UNLOADED, f"model {model_id!r} was unloaded while this request waited or ran"))
 
     def _snapshot_memory(self) -> None:
         self._memory_at = time.monotonic()

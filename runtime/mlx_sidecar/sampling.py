@@ -1,5 +1,7 @@
 """Turning generate's sampling params into mlx-lm samplers and logits processors."""
 
+from functools import lru_cache
+
 from .errors import INVALID_PARAMS, RpcError
 
 DEFAULT_TEMPERATURE = 1.0
@@ -17,15 +19,48 @@ def check_token_ids(params: dict, vocab_size: int | None) -> None:
             raise RpcError(INVALID_PARAMS, f"stop_token_ids names token {t}, but the model's vocabulary has {vocab_size} tokens", path=f"/stop_token_ids/{i}")
 
 
-def make_sampler(params: dict):
+def _settings(params: dict):
+    return (params.get("temperature", DEFAULT_TEMPERATURE), params.get("top_p", 1.0),
+            params.get("min_p", 0.0), params.get("top_k", 0))
+
+
+@lru_cache(maxsize=64)
+def _shared(temp, top_p, min_p, top_k):
+    # One sampler object per setting: BatchGenerator samples a batch in one call when they match.
     from mlx_lm.sample_utils import make_sampler as mlx_make_sampler
 
-    return mlx_make_sampler(
-        temp=params.get("temperature", DEFAULT_TEMPERATURE),
-        top_p=params.get("top_p", 1.0),
-        min_p=params.get("min_p", 0.0),
-        top_k=params.get("top_k", 0),
-    )
+    return mlx_make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
+
+
+def make_sampler(params: dict):
+    temp, top_p, min_p, top_k = _settings(params)
+    if "seed" not in params or temp == 0:
+        return _shared(temp, top_p, min_p, top_k)
+    return _seeded(params["seed"], temp, top_p, min_p, top_k)
+
+
+def _seeded(seed: int, temp, top_p, min_p, top_k):
+    """mlx-lm's filters with a key of the request's own, so its samples are the same alone or in a batch."""
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+    filters = []
+    if 0 < top_p < 1.0:
+        filters.append(lambda x: apply_top_p(x, top_p))
+    if min_p != 0.0:
+        filters.append(lambda x: apply_min_p(x, min_p))
+    if top_k > 0:
+        filters.append(lambda x: apply_top_k(x, top_k))
+    key = mx.random.key(seed & 0xFFFFFFFFFFFFFFFF)
+
+    def sampler(logprobs):
+        nonlocal key
+        key, sub = mx.random.split(key)
+        for f in filters:
+            logprobs = f(logprobs)
+        return mx.random.categorical(logprobs * (1 / temp), key=sub)
+
+    return sampler
 
 
 def make_logits_processors(params: dict) -> list:

@@ -14,7 +14,7 @@ from importlib import metadata
 from . import framing
 from .dispatcher import Dispatcher
 from .engine import Engine
-from .errors import model_not_found
+from .errors import OVERLOADED, RpcError, model_not_found
 from .writer import Writer
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,8 @@ STOP_BUDGET = 0.9  # seconds from EOF/SIGTERM to exit
 
 class Server:
     def __init__(self, framing_name: str = "auto", max_frame_bytes: int = framing.DEFAULT_MAX_FRAME_BYTES,
-                 preload: list[str] = ()):
+                 preload: list[str] = (), max_batch: int = 16, max_queue: int = 64,
+                 prompt_cache_bytes: int = 512 << 20):
         self.requested_framing = framing_name
         self.framing = framing_name
         self.max_frame_bytes = max_frame_bytes
@@ -38,8 +39,12 @@ class Server:
         self._stop = threading.Event()
         self._exit_code = 0
         self._versions = None
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.generations: dict = {}     # model id → generate requests admitted and not yet answered
         self.writer = None
-        self.engine = Engine()
+        self.engine = Engine(max_batch, prompt_cache_bytes,
+                             stalled=lambda: self.writer is not None and self.writer.stalled())
 
     # ---- lifecycle ----
     def serve(self, in_fd: int, out_fd: int) -> int:
@@ -122,6 +127,21 @@ class Server:
         os._exit(self._exit_code)
 
     # ---- helpers for methods ----
+    def admit_generation(self, req, model_id: str) -> None:
+        """Count a generate request against its model's limits: max_batch running plus max_queue
+        waiting; past that, answer overloaded at once."""
+        n = self.generations.get(model_id, 0)
+        limit = self.max_batch + self.max_queue
+        if n >= limit:
+            raise RpcError(OVERLOADED, f"model {model_id!r} already has {n} generate requests running or queued (limit {limit}); retry later",
+                           model=model_id, limit=limit)
+        self.generations[model_id] = n + 1
+
+        def done():
+            self.generations[model_id] -= 1
+
+        req.on_done = done
+
     def check_model(self, model_id: str) -> None:
         """Fail fast for a model that is neither loaded nor being loaded; the engine looks it up
         again in order, so `model/load` then `generate` can be pipelined."""

@@ -58,6 +58,7 @@ class Writer:
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="mlx-sidecar-writer", daemon=True)
         self._broken = False
+        self._writing_since = 0.0
         self.bytes_written = 0
         self._thread.start()
 
@@ -92,6 +93,11 @@ class Writer:
     def finish(self, buf: ChunkBuffer | None, response) -> None:
         """Send what is left in the buffer as a last chunk, then the response."""
         self._q.put(("finish", buf, response))
+
+    def stalled(self, after: float = 0.05) -> bool:
+        """True while a write has been blocked for a while: the host is not reading stdout."""
+        since = self._writing_since
+        return since > 0 and _monotonic() - since > after
 
     def flush(self, timeout: float) -> bool:
         """Wait until everything queued so far has been written (or the pipe broke)."""
@@ -162,6 +168,7 @@ class Writer:
         if self._broken:
             return
         view = memoryview(data)
+        self._writing_since = _monotonic()
         try:
             while view:
                 n = os.write(self._fd, view)
@@ -172,3 +179,5 @@ class Writer:
             log.warning("stdout closed (%s); stopping", e)
             if self._on_broken_pipe:
                 self._on_broken_pipe()
+        finally:
+            self._writing_since = 0.0
