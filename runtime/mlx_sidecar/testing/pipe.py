@@ -34,6 +34,8 @@ class Pipe:
         self.stderr = bytearray()
         self._next_id = 0
         self._lock = threading.Lock()
+        self._reading = threading.Event()
+        self._reading.set()
         threading.Thread(target=self._read_stdout, daemon=True).start()
         if stderr_to is None:
             threading.Thread(target=self._read_stderr, daemon=True).start()
@@ -114,6 +116,17 @@ class Pipe:
     def __exit__(self, *exc):
         self.close()
 
+    def pause_reading(self) -> None:
+        """Stop reading stdout, like a host that stopped paying attention (backpressure tests)."""
+        self._reading.clear()
+
+    def resume_reading(self) -> None:
+        self._reading.set()
+
+    def _read(self, out):
+        self._reading.wait()
+        return out.read(65536)
+
     # ---- reading ----
     def _read_stderr(self):
         for chunk in iter(lambda: self.proc.stderr.read(4096), b""):
@@ -124,14 +137,14 @@ class Pipe:
         try:
             if self.framing == "msgpack":
                 unpacker = msgpack.Unpacker(raw=False)
-                for chunk in iter(lambda: out.read(65536), b""):
+                for chunk in iter(lambda: self._read(out), b""):
                     self.raw_stdout += chunk
                     unpacker.feed(chunk)
                     for msg in unpacker:
                         self.messages.put(msg)
             elif self.framing == "lsp":
                 buf = b""
-                for chunk in iter(lambda: out.read(65536), b""):
+                for chunk in iter(lambda: self._read(out), b""):
                     self.raw_stdout += chunk
                     buf += chunk
                     while True:
@@ -146,7 +159,7 @@ class Pipe:
                         buf = rest[n:]
             else:
                 buf = b""
-                for chunk in iter(lambda: out.read(65536), b""):
+                for chunk in iter(lambda: self._read(out), b""):
                     self.raw_stdout += chunk
                     buf += chunk
                     *lines, buf = buf.split(b"\n")
