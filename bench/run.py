@@ -7,6 +7,7 @@ Measures (each as a ratio or a difference taken in this one run):
   ping       sequential round trip, and pipelined round trips/s, per framing
   stream     single-stream decode tokens/s through the pipe ÷ in-process stream_generate, per framing
   ttft       time to the first chunk − in-process time to the first token
+  batch      aggregate tokens/s at 1, 4, 8, 16 concurrent streams ÷ in-process BatchGenerator
 """
 
 import argparse
@@ -131,6 +132,55 @@ def stream(model_dir: str, framings, reps: int, max_tokens: int) -> dict:
     return out
 
 
+def in_process_batch(model, tokenizer, width: int, max_tokens: int) -> float:
+    from mlx_lm.generate import BatchGenerator
+
+    ids = tokenizer.encode(PROMPT)
+    gen = BatchGenerator(model, completion_batch_size=width, prefill_batch_size=min(width, 8), prefill_step_size=512)
+    t = time.perf_counter()
+    gen.insert([list(ids) for _ in range(width)], max_tokens=[max_tokens] * width)
+    tokens = finished = 0
+    while finished < width:
+        _, responses = gen.next()
+        tokens += len(responses)
+        finished += sum(r.finish_reason is not None for r in responses)
+    elapsed = time.perf_counter() - t
+    gen.close()
+    return tokens / elapsed
+
+
+def sidecar_batch(p: Pipe, width: int, max_tokens: int) -> float:
+    t = time.perf_counter()
+    ids = {p.start("generate", {"model": "m", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0}) for _ in range(width)}
+    tokens = 0
+    while ids:
+        msg = p.recv(300)
+        if msg.get("id") in ids:
+            ids.discard(msg["id"])
+            tokens += msg["result"]["usage"]["completion_tokens"]
+    return tokens / (time.perf_counter() - t)
+
+
+def batch(model_dir: str, widths, reps: int, max_tokens: int) -> dict:
+    from mlx_lm import load
+
+    model, tokenizer = load(model_dir)
+    p = Pipe("ndjson", args=["--max-batch", str(max(widths))])
+    p.request("model/load", {"model": model_dir, "id": "m"}, timeout=600)
+    in_process_batch(model, tokenizer, 2, 16)
+    sidecar_batch(p, 2, 16)
+    out = {"max_tokens": max_tokens, "reps": reps}
+    for w in widths:
+        base, side = [], []
+        for _ in range(reps):
+            base.append(in_process_batch(model, tokenizer, w, max_tokens))
+            side.append(sidecar_batch(p, w, max_tokens))
+        b, s = statistics.median(base), statistics.median(side)
+        out[str(w)] = {"in_process_tps": b, "sidecar_tps": s, "ratio": s / b}
+    p.close()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
@@ -146,6 +196,8 @@ def main() -> int:
         results["spawn"] = spawn_to_initialize(5 if args.quick else 10)
         results["ping"] = {f: ping(f, 200 if args.quick else 1000, 5000 if args.quick else 20000) for f in FRAMINGS}
         results["stream_tiny"] = stream(tiny, FRAMINGS, reps, 500 if args.quick else 2000)
+        small = str(make_model(Path(tmp) / "small", preset="small"))
+        results["batch_small"] = batch(small, (1, 4, 8, 16), 2 if args.quick else 3, 64 if args.quick else 128)
         if args.default_model:
             from mlx_sidecar.sources import resolve
 
@@ -155,6 +207,14 @@ def main() -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
+
+
+def print_batch(name: str, b: dict) -> None:
+    print(f"\n{name}: aggregate tok/s ({b['max_tokens']} tokens per stream, {b['reps']} reps)")
+    print(f"{'streams':<8} {'in-process':>11} {'sidecar':>9} {'ratio':>7}")
+    for w, v in b.items():
+        if isinstance(v, dict):
+            print(f"{w:<8} {v['in_process_tps']:>11.1f} {v['sidecar_tps']:>9.1f} {v['ratio']:>7.3f}")
 
 
 def print_table(r: dict) -> None:
@@ -173,6 +233,8 @@ def print_table(r: dict) -> None:
             if f in s:
                 v = s[f]
                 print(f"{f:<9} {v['tps']:>8.1f} {v['ratio']:>7.3f} {v['ttft_ms']:>8.2f} {v['ttft_minus_in_process_ms']:>9.2f}")
+    if "batch_small" in r:
+        print_batch("batch_small (24M-parameter random llama)", r["batch_small"])
 
 
 if __name__ == "__main__":

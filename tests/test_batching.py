@@ -180,3 +180,26 @@ def test_backpressure_pauses_generation_and_loses_nothing(spawn, tiny_model):
     assert [c["index"] for c in chunks] == list(range(len(chunks)))
     assert "".join(c["text"] for c in chunks) == answer["error"]["data"]["text"]
     assert sum(len(c["token_ids"]) for c in chunks) == answer["error"]["data"]["usage"]["completion_tokens"]
+
+
+@pytest.mark.parametrize("params", [
+    {"temperature": 1.0, "seed": 99},
+    {"temperature": 0, "repetition_penalty": 1.3},
+    {"temperature": 0.8, "seed": 5, "top_k": 20, "presence_penalty": 0.5},
+])
+def test_moving_a_running_request_into_a_batch_keeps_its_output(loaded, params):
+    """A request running alone moves into the batch when others arrive, mid-stream, unchanged."""
+    p = loaded
+    base = {"model": "m", "prompt": "Once upon a time", "max_tokens": 200, **params,
+            "stream_options": {"chunk_tokens": 1}}
+    alone = p.request("generate", base)[0]["result"]["text"]
+    gid = p.start("generate", base)
+    seen = 0
+    while seen < 20:  # let it run alone for a while
+        msg = p.recv()
+        if msg.get("method") == "generate/chunk" and msg["params"]["id"] == gid:
+            seen += 1
+    others = [p.start("generate", {"model": "m", "prompt": f"other {i}", "max_tokens": 50}) for i in range(3)]
+    out = collect(p, [gid] + others)
+    assert out[gid][0]["result"]["text"] == alone
+    assert all(out[i][0]["result"]["usage"]["completion_tokens"] == 50 for i in others)

@@ -13,7 +13,7 @@ import time
 
 from . import blas
 from .errors import INTERNAL_ERROR, MODEL_UNLOADED, RpcError
-from .runners import cancelled_error, make_runner
+from .runners import ModelRunner, cancelled_error
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Engine:
 
     @property
     def generating(self) -> int:
-        return sum(len(r.active) for r in list(self._runners.values()))
+        return sum(len(r.active) + (r.solo is not None) for r in list(self._runners.values()))
 
     @property
     def queued(self) -> int:
@@ -152,7 +152,7 @@ class Engine:
             return
         runner = self._runners.get(gen.model_id)
         if runner is None or runner.loaded is not gen.loaded:
-            runner = self._runners[gen.model_id] = make_runner(gen.loaded, self.max_batch, self.prompt_cache_bytes)
+            runner = self._runners[gen.model_id] = ModelRunner(gen.loaded, self.max_batch, self.prompt_cache_bytes)
         runner.add(gen)
 
     def abort_model(self, model_id: str) -> None:

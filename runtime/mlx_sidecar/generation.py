@@ -26,6 +26,7 @@ class Generation:
         self.loaded = None
         self.buf: ChunkBuffer | None = None
         self.prompt_ids: list[int] = []
+        self.tokens: list[int] = []     # generated so far (not counting a final stop token)
         self.cached_tokens = 0
         self.completion = 0
         self.started = self.first_at = None
@@ -73,6 +74,7 @@ class Generation:
             self.finish("stop")
             return True
         self.completion += 1
+        self.tokens.append(token)
         self.detok.add_token(token)
         piece = self.stops.feed(self.detok.last_segment)
         if self.buf is not None:

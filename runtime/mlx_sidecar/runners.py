@@ -1,12 +1,11 @@
-"""Where tokens come from. Each loaded model has one runner on the engine thread:
+"""Where tokens come from. Each loaded model has one ModelRunner on the engine thread.
 
-- `ModelBatch`: mlx-lm's BatchGenerator. Concurrent requests decode together; new ones join between
-  steps, finished and cancelled ones leave at once; each keeps its own sampler and processors.
-- `Solo`: one request at a time through mlx-lm's generate_step, for models whose caches cannot be
-  batched (e.g. chunked attention caches).
-
-Both keep at most `max_batch` requests running and the rest waiting in order, and reuse KV caches of
-earlier prompts through mlx-lm's LRUPromptCache."""
+A request alone runs through mlx-lm's generate_step (the fastest single stream). When another
+request for the same model arrives, the running one moves into mlx-lm's BatchGenerator (its KV
+cache goes along) and they decode together: new requests join between steps, finished and
+cancelled ones leave at once, each keeps its own sampler and processors. Models whose KV caches
+cannot be merged run one request at a time. Earlier prompts' KV caches are reused through
+mlx-lm's LRUPromptCache."""
 
 import collections
 import logging
@@ -22,33 +21,58 @@ def cancelled_error(why: str = "request cancelled") -> RpcError:
     return RpcError(CANCELLED, why, finish_reason="cancelled")
 
 
-def is_batchable(model) -> bool:
-    from mlx_lm.models.cache import make_prompt_cache
-
-    return all(hasattr(c, "merge") for c in make_prompt_cache(model))
+class _Cancelled(Exception):
+    """Raised from the prefill progress callback to abandon a request mid-prefill."""
 
 
-def make_runner(loaded, max_batch: int, cache_bytes: int):
-    cls = ModelBatch if is_batchable(loaded.model) else Solo
-    return cls(loaded, max_batch, cache_bytes)
-
-
-class _Runner:
+class ModelRunner:
     def __init__(self, loaded, max_batch: int, cache_bytes: int):
-        from mlx_lm.models.cache import LRUPromptCache
+        from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
 
         self.loaded = loaded
         self.max_batch = max_batch
-        self.waiting: collections.deque = collections.deque()
-        self.active: dict = {}  # key → Generation
+        self.batchable = all(hasattr(c, "merge") for c in make_prompt_cache(loaded.model))
         self.prompt_cache = LRUPromptCache(max_size=64, max_bytes=cache_bytes) if cache_bytes > 0 else None
+        self.waiting: collections.deque = collections.deque()
+        self.active: dict = {}        # BatchGenerator uid → Generation
+        self.generator = None         # BatchGenerator, made on first use
+        self.solo = None              # the Generation running alone, if any
+        self._solo_tokens = None      # its generate_step iterator
+        self._solo_cache = None       # and its KV cache
 
     def __len__(self) -> int:
-        return len(self.waiting) + len(self.active)
+        return len(self.waiting) + len(self.active) + (self.solo is not None)
 
     def add(self, gen) -> None:
         self.waiting.append(gen)
 
+    # ---- one engine step ----
+    def step(self) -> None:
+        self._sweep_cancelled()
+        if self.waiting:
+            if self.batchable and (self.solo is not None or self.active or len(self.waiting) > 1):
+                if self.solo is not None:
+                    self._move_solo_into_batch()
+                self._fill_batch()
+            elif self.solo is None and not self.active:
+                self._start_solo(self.waiting.popleft())
+        if self.solo is not None:
+            self._step_solo()
+        if self.active:
+            self._step_batch()
+
+    def abort(self, error_factory) -> None:
+        """End every request of this runner with an error (engine stopping, model unloaded)."""
+        gens = list(self.active.values()) + list(self.waiting) + ([self.solo] if self.solo else [])
+        for gen in gens:
+            if not gen.done:
+                gen.finish_error(error_factory())
+        self.active.clear()
+        self.waiting.clear()
+        self.solo = self._solo_tokens = self._solo_cache = None
+        self.generator = None
+
+    # ---- prompt cache ----
     def _cached(self, ids: list[int]):
         """(KV cache or None, tokens still to prefill) for a prompt, from earlier requests' caches."""
         if self.prompt_cache is None:
@@ -68,35 +92,13 @@ class _Runner:
         if self.prompt_cache is not None and cache is not None and tokens:
             self.prompt_cache.insert_cache(self.loaded.id, list(tokens), cache)
 
-    def _sweep_waiting(self) -> None:
+    # ---- cancellation ----
+    def _sweep_cancelled(self) -> None:
         for gen in [g for g in self.waiting if g.req.cancel_requested]:
             self.waiting.remove(gen)
             gen.finish_error(cancelled_error())
-
-    def abort(self, error_factory) -> None:
-        """End every request of this runner with an error (engine stopping, model unloaded)."""
-        for gen in list(self.active.values()) + list(self.waiting):
-            if not gen.done:
-                gen.finish_error(error_factory())
-        self.active.clear()
-        self.waiting.clear()
-
-
-class ModelBatch(_Runner):
-    def __init__(self, loaded, max_batch, cache_bytes):
-        super().__init__(loaded, max_batch, cache_bytes)
-        self._new_generator()
-
-    def _new_generator(self):
-        from mlx_lm.generate import BatchGenerator
-
-        self.generator = BatchGenerator(self.loaded.model, completion_batch_size=self.max_batch,
-                                        prefill_batch_size=min(self.max_batch, 8), prefill_step_size=PREFILL_STEP)
-
-    def step(self) -> None:
-        from mlx_lm.generate import StopSequences
-
-        self._sweep_waiting()
+        if self.solo is not None and self.solo.req.cancel_requested:
+            self._end_solo(cancelled_error())
         cancelled = [uid for uid, g in self.active.items() if g.req.cancel_requested]
         if cancelled:
             caches = self.generator.remove(cancelled, return_prompt_caches=True)
@@ -104,29 +106,103 @@ class ModelBatch(_Runner):
                 self.active.pop(uid).finish_error(cancelled_error())
                 if uid in caches:
                     self._remember(caches[uid][1], caches[uid][0])
+
+    # ---- a request alone ----
+    def _start_solo(self, gen) -> None:
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step
+        from mlx_lm.models.cache import make_prompt_cache
+
+        cache, rest = self._cached(gen.prompt_ids)
+        gen.cached_tokens = len(gen.prompt_ids) - len(rest)
+        self._solo_cache = cache if cache is not None else make_prompt_cache(self.loaded.model)
+
+        def check(done, total):
+            if gen.req.cancel_requested:
+                raise _Cancelled()
+
+        self._solo_tokens = generate_step(mx.array(rest), self.loaded.model, max_tokens=gen.max_tokens,
+                                          sampler=gen.sampler, logits_processors=gen.processors,
+                                          prompt_cache=self._solo_cache, prefill_step_size=PREFILL_STEP,
+                                          prompt_progress_callback=check)
+        self.solo = gen
+
+    def _step_solo(self) -> None:
+        gen = self.solo
+        try:
+            token, _ = next(self._solo_tokens)
+        except StopIteration:
+            gen.finish("length")
+            return self._end_solo()
+        except _Cancelled:
+            return self._end_solo(cancelled_error())
+        except Exception as e:
+            log.exception("generation failed")
+            return self._end_solo(RpcError(GENERATION_FAILED, f"generation failed: {type(e).__name__}: {e}"))
+        if gen.on_token(token):
+            self._end_solo()
+
+    def _end_solo(self, error=None) -> None:
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+        gen, cache = self.solo, self._solo_cache
+        self.solo = self._solo_tokens = self._solo_cache = None
+        if error is not None:
+            gen.finish_error(error)
+        # Keep the prompt's part of the KV cache for later prompts that share its prefix.
+        if cache is not None and can_trim_prompt_cache(cache):
+            extra = cache[0].offset - len(gen.prompt_ids)
+            if extra >= 0:
+                trim_prompt_cache(cache, extra)
+                self._remember(gen.prompt_ids, cache)
+
+    def _move_solo_into_batch(self) -> None:
+        """Hand the lone request to the BatchGenerator mid-stream. generate_step has already fed
+        its last token and drawn the next one; drop both (trim the cache by one, rewind the
+        sampler) and let the batch feed that token again, so the output is unchanged."""
+        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+        gen, cache = self.solo, self._solo_cache
+        if not gen.tokens or not can_trim_prompt_cache(cache):
+            return  # not started yet or cannot rewind: let it finish alone
+        self.solo = self._solo_tokens = self._solo_cache = None
+        trim_prompt_cache(cache, 1)
+        if hasattr(gen.sampler, "rewind"):
+            gen.sampler.rewind()
+        self._insert(gen, [gen.tokens[-1]], cache, gen.prompt_ids + gen.tokens[:-1], gen.max_tokens - gen.completion)
+
+    # ---- the batch ----
+    def _insert(self, gen, prompt, cache, cached_tokens, max_tokens) -> None:
+        from mlx_lm.generate import BatchGenerator, StopSequences
+
+        if self.generator is None:
+            self.generator = BatchGenerator(self.loaded.model, completion_batch_size=self.max_batch,
+                                            prefill_batch_size=min(self.max_batch, 8), prefill_step_size=PREFILL_STEP)
+        uid = self.generator.insert(
+            [prompt], max_tokens=[max_tokens],
+            caches=[cache] if cache is not None else None,
+            all_tokens=[cached_tokens] if cache is not None else None,
+            samplers=[gen.sampler], logits_processors=[gen.processors],
+            stop_sequences=[StopSequences([[t] for t in gen.stop_ids])],
+        )[0]
+        self.active[uid] = gen
+
+    def _fill_batch(self) -> None:
         while self.waiting and len(self.active) < self.max_batch:
             gen = self.waiting.popleft()
             cache, rest = self._cached(gen.prompt_ids)
             gen.cached_tokens = len(gen.prompt_ids) - len(rest)
-            uid = self.generator.insert(
-                [rest], max_tokens=[gen.max_tokens],
-                caches=[cache] if cache is not None else None,
-                all_tokens=[gen.prompt_ids[: gen.cached_tokens]] if cache is not None else None,
-                samplers=[gen.sampler], logits_processors=[gen.processors],
-                stop_sequences=[StopSequences([[t] for t in gen.stop_ids])],
-            )[0]
-            self.active[uid] = gen
-        if not self.active:
-            return
+            self._insert(gen, rest, cache, gen.prompt_ids[: gen.cached_tokens], gen.max_tokens)
+
+    def _step_batch(self) -> None:
         try:
             _, responses = self.generator.next()
         except Exception as e:
             log.exception("batched generation failed")
-            err = lambda: RpcError(GENERATION_FAILED, f"generation failed: {type(e).__name__}: {e}")
             for gen in self.active.values():
-                gen.finish_error(err())
+                gen.finish_error(RpcError(GENERATION_FAILED, f"generation failed: {type(e).__name__}: {e}"))
             self.active.clear()
-            self._new_generator()
+            self.generator = None
             return
         ended = []
         for r in responses:
@@ -145,71 +221,3 @@ class ModelBatch(_Runner):
             caches = self.generator.remove(ended, return_prompt_caches=True)
             for uid, (cache, tokens) in caches.items():
                 self._remember(tokens, cache)
-
-
-class Solo(_Runner):
-    """One request at a time (models whose KV caches cannot be merged into a batch)."""
-
-    def __init__(self, loaded, max_batch, cache_bytes):
-        super().__init__(loaded, 1, cache_bytes)
-        self._tokens = None
-        self._cache = None
-
-    def step(self) -> None:
-        from mlx_lm.generate import generate_step
-        from mlx_lm.models.cache import make_prompt_cache
-
-        self._sweep_waiting()
-        gen = next(iter(self.active.values()), None)
-        if gen is None:
-            if not self.waiting:
-                return
-            gen = self.waiting.popleft()
-            import mlx.core as mx
-
-            cache, rest = self._cached(gen.prompt_ids)
-            gen.cached_tokens = len(gen.prompt_ids) - len(rest)
-            self._cache = cache if cache is not None else make_prompt_cache(self.loaded.model)
-
-            def check(done, total, gen=gen):
-                if gen.req.cancel_requested:
-                    raise _Cancelled()
-
-            self._tokens = generate_step(mx.array(rest), self.loaded.model, max_tokens=gen.max_tokens,
-                                         sampler=gen.sampler, logits_processors=gen.processors,
-                                         prompt_cache=self._cache, prefill_step_size=PREFILL_STEP,
-                                         prompt_progress_callback=check)
-            self.active[0] = gen
-        if gen.req.cancel_requested:
-            return self._end(gen, cancelled_error())
-        try:
-            token, _ = next(self._tokens)
-        except StopIteration:
-            gen.finish("length")
-            return self._end(gen)
-        except _Cancelled:
-            return self._end(gen, cancelled_error())
-        except Exception as e:
-            log.exception("generation failed")
-            return self._end(gen, RpcError(GENERATION_FAILED, f"generation failed: {type(e).__name__}: {e}"))
-        if gen.on_token(token):
-            self._end(gen)
-
-    def _end(self, gen, error=None) -> None:
-        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-
-        if error is not None:
-            gen.finish_error(error)
-        self.active.clear()
-        self._tokens = None
-        cache, self._cache = self._cache, None
-        # Keep the prompt's part of the KV cache for later prompts that share its prefix.
-        if cache is not None and can_trim_prompt_cache(cache):
-            extra = cache[0].offset - len(gen.prompt_ids)
-            if extra >= 0:
-                trim_prompt_cache(cache, extra)
-                self._remember(gen.prompt_ids, cache)
-
-
-class _Cancelled(Exception):
-    """Raised from the prefill progress callback to abandon a request mid-prefill."""

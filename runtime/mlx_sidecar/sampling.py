@@ -40,8 +40,6 @@ def make_sampler(params: dict):
 
 
 def _seeded(seed: int, temp, top_p, min_p, top_k):
-    """mlx-lm's filters with a key of the request's own, so its samples are the same alone or in a batch."""
-    import mlx.core as mx
     from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
 
     filters = []
@@ -51,16 +49,32 @@ def _seeded(seed: int, temp, top_p, min_p, top_k):
         filters.append(lambda x: apply_min_p(x, min_p))
     if top_k > 0:
         filters.append(lambda x: apply_top_k(x, top_k))
-    key = mx.random.key(seed & 0xFFFFFFFFFFFFFFFF)
+    return SeededSampler(seed, temp, filters)
 
-    def sampler(logprobs):
-        nonlocal key
-        key, sub = mx.random.split(key)
-        for f in filters:
+
+class SeededSampler:
+    """mlx-lm's filters with a random key of the request's own, so its samples are the same alone
+    or in a batch. `rewind` takes back the last draw (used when a request moves into a batch)."""
+
+    def __init__(self, seed: int, temp: float, filters):
+        import mlx.core as mx
+
+        self._key = mx.random.key(seed & 0xFFFFFFFFFFFFFFFF)
+        self._previous = self._key
+        self._temp = temp
+        self._filters = filters
+
+    def __call__(self, logprobs):
+        import mlx.core as mx
+
+        self._previous = self._key
+        self._key, sub = mx.random.split(self._key)
+        for f in self._filters:
             logprobs = f(logprobs)
-        return mx.random.categorical(logprobs * (1 / temp), key=sub)
+        return mx.random.categorical(logprobs * (1 / self._temp), key=sub)
 
-    return sampler
+    def rewind(self) -> None:
+        self._key = self._previous
 
 
 def make_logits_processors(params: dict) -> list:
