@@ -90,3 +90,13 @@ def test_ping_answers_while_a_model_loads(spawn, tmp_path):
         if "id" in msg:
             order.append(msg["id"])
     assert order == [pid, lid]
+
+
+def test_preload_flag(spawn, tiny_model, tmp_path):
+    p = spawn(args=["--model", tiny_model, "--model", str(tmp_path / "missing")])
+    # The preloaded model is usable under the string given, with no model/load; a bad one is logged.
+    answer, _ = p.request("generate", {"model": tiny_model, "prompt": "Hi", "max_tokens": 3})
+    assert answer["result"]["usage"]["completion_tokens"] == 3
+    assert [m["id"] for m in p.request("model/list")[0]["result"]["models"]] == [tiny_model]
+    p.close()
+    assert b"could not preload" in bytes(p.stderr)

@@ -87,7 +87,8 @@ def load(source: str, *, model_id: str, dtype: str, trust_remote_code: bool, dev
         raise RpcError(MODEL_LOAD_FAILED, f"{source!r} is a vision-language model ({config.get('model_type')}); this runtime does not load VLMs yet", type="unsupported_architecture", model=source)
     progress(0.5, "loading weights")
     try:
-        model, tokenizer = mlx_lm_load(str(path), lazy=True, trust_remote_code=trust_remote_code)
+        model, tokenizer = mlx_lm_load(str(path), lazy=True, trust_remote_code=trust_remote_code,
+                                       tokenizer_config={"trust_remote_code": True} if trust_remote_code else None)
     except ValueError as e:
         text = str(e)
         kind = "unsupported_architecture" if "not supported" in text or "Model type" in text else "invalid_model"

@@ -48,8 +48,10 @@ class Server:
 
     # ---- lifecycle ----
     def serve(self, in_fd: int, out_fd: int) -> int:
+        from .methods.model import queue_load
+
         for source in self.preload:
-            self.engine.call(_Preload(self, source), lambda engine, s=source: _preload(self, engine, s))
+            queue_load(self, _Preload(source), source, source)
         reader = threading.Thread(target=self._read, args=(in_fd, out_fd), name="mlx-sidecar-reader", daemon=True)
         reader.start()
         while not self._stop.wait(0.5):
@@ -219,15 +221,16 @@ def _safe(read):
 
 
 class _Preload:
-    """A stand-in request for --model, answered into the log."""
+    """The request behind a --model flag: answered into the log instead of the pipe."""
 
     is_notification = True
     method = "model/load"
-    params: dict = {}
+    id = None
     cancel_requested = False
 
-    def __init__(self, server, source):
+    def __init__(self, source):
         self.source = source
+        self.params = {"model": source}
 
     def try_start(self):
         return True
@@ -237,17 +240,6 @@ class _Preload:
 
     def fail(self, error, buf=None):
         log.error("could not preload %s: %s", self.source, error.message)
-
-
-def _preload(server, engine, source):
-    from .methods.model import _load
-
-    class R:
-        is_notification = True
-        params = {"model": source}
-        id = None
-
-    return _load(server, engine, R, source, source)
 
 
 def install_signal_handlers(server: Server) -> None:

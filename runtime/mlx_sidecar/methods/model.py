@@ -25,6 +25,12 @@ def load(server, req):
     info = _already(server, model_id, source)
     if info is not None:
         return info
+    queue_load(server, req, source, model_id)
+    return PENDING
+
+
+def queue_load(server, req, source, model_id) -> None:
+    """Queue a load on the engine; until it has run, generate and tokenize for model_id may queue behind it."""
     server.pending_loads[model_id] = server.pending_loads.get(model_id, 0) + 1
 
     def run(engine):
@@ -34,7 +40,6 @@ def load(server, req):
             server.pending_loads[model_id] -= 1
 
     server.engine.call(req, run)
-    return PENDING
 
 
 def _load(server, engine, req, source, model_id):
