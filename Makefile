@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml
 		$(VENV)/bin/python -m pip install -q -e ".[$$extras]"
 	touch $(STAMP)
 
+# The main job goes through the TypeScript reference client (a Node.js host, as the sidecar's users are).
 demo: setup
-	$(VENV)/bin/python -m mlx_sidecar.demo "$(QUESTION)"
+	cd clients/typescript && npm ci --no-audit --no-fund --silent && npm run --silent example:chat -- --model default "$(QUESTION)"
 
 test: setup
 	$(MAKE) test-python test-typescript test-go

@@ -215,6 +215,11 @@ try {
       raw_tps_median: median(gen.raw.map((r) => r.tps)),
       client_engine_tps_median: median(gen.client.map((r) => r.engine_tps)),
       raw_engine_tps_median: median(gen.raw.map((r) => r.engine_tps)),
+      // Wall tokens/s over the runtime's own generation_tps, per run: how much of the engine's
+      // speed reaches the caller. Robust to the two runtime processes running at different speeds
+      // (other load on the machine), so its ratio isolates the client's own overhead.
+      client_delivery_median: median(gen.client.map((r) => r.tps / r.engine_tps)),
+      raw_delivery_median: median(gen.raw.map((r) => r.tps / r.engine_tps)),
       client_tps: gen.client.map((r) => r.tps),
       raw_tps: gen.raw.map((r) => r.tps),
     },
@@ -228,6 +233,7 @@ try {
     },
   };
   result.generate.ratio = result.generate.client_tps_median / result.generate.raw_tps_median;
+  result.generate.delivery_ratio = result.generate.client_delivery_median / result.generate.raw_delivery_median;
   result.ping.ratio = result.ping.client_per_s_median / result.ping.raw_per_s_median;
 
   const row = (name, c, r, ratio) => `${name.padEnd(42)} ${c.padStart(12)} ${r.padStart(12)} ${ratio.toFixed(3).padStart(8)}`;
@@ -236,6 +242,7 @@ try {
     `${"".padEnd(42)} ${"client".padStart(12)} ${"raw pipe".padStart(12)} ${"ratio".padStart(8)}`,
     row(`generate tokens/s (${result.generate.completion_tokens} tok)`, result.generate.client_tps_median.toFixed(0), result.generate.raw_tps_median.toFixed(0), result.generate.ratio),
     row("  engine generation_tps", result.generate.client_engine_tps_median.toFixed(0), result.generate.raw_engine_tps_median.toFixed(0), result.generate.client_engine_tps_median / result.generate.raw_engine_tps_median),
+    row("  wall tok/s ÷ engine tok/s", result.generate.client_delivery_median.toFixed(3), result.generate.raw_delivery_median.toFixed(3), result.generate.delivery_ratio),
     row(`pipelined pings/s (${PINGS}, ${INFLIGHT} in flight)`, result.ping.client_per_s_median.toFixed(0), result.ping.raw_per_s_median.toFixed(0), result.ping.ratio),
   ].join("\n");
   if (opts.json) {

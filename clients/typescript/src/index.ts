@@ -1,0 +1,12 @@
+// mlx-sidecar's TypeScript client: spawn the runtime, call it over JSON-RPC, stream generations.
+
+export { Sidecar } from "./sidecar.js";
+export type { SidecarOptions, RestartOptions, SidecarEvents, ExitEvent, RestartEvent, GenerateOptions, RequestArgs } from "./sidecar.js";
+export { GenerateStream } from "./generate.js";
+export type { GenerateChunk } from "./generate.js";
+export type { CallOptions } from "./connection.js";
+export type { Transport, MessageListener } from "./transport.js";
+export { RpcError, ProcessExitError, StartError, AbortError, TimeoutError, ClosedError } from "./errors.js";
+export type { ExitInfo } from "./errors.js";
+export { defaultCommand } from "./process.js";
+export * from "./protocol.js";
