@@ -8,6 +8,9 @@ Measures (each as a ratio or a difference taken in this one run):
   stream     single-stream decode tokens/s through the pipe ÷ in-process stream_generate, per framing
   ttft       time to the first chunk − in-process time to the first token
   batch      aggregate tokens/s at 1, 4, 8, 16 concurrent streams ÷ in-process BatchGenerator
+  default    (--default-model) SmolLM2-135M prefill and decode tokens/s through the sidecar and
+             in-process, and decode against the machine's limit (weight bytes per token ÷ copy bandwidth)
+  clients    (--clients) the TypeScript and Go clients' own benches: client ÷ raw pipe
 """
 
 import argparse
@@ -181,11 +184,93 @@ def batch(model_dir: str, widths, reps: int, max_tokens: int) -> dict:
     return out
 
 
+def default_model(reps: int, prompt_tokens: int = 256, gen_tokens: int = 64) -> dict:
+    """SmolLM2-135M (float32 on CPU, as the sidecar loads it) in-process and through the pipe."""
+    import mlx.core as mx
+    from mlx_lm.generate import stream_generate
+    from mlx_lm.sample_utils import make_sampler
+
+    from mlx_sidecar.sources import resolve
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import smollm2_speed as sm
+
+    path = resolve("default")
+    model, tokenizer = sm.load_model(path, "float32")
+    text = tokenizer.decode(tokenizer.encode(sm.FILLER * (prompt_tokens // 8 + 1))[:prompt_tokens])
+    eos = sorted(tokenizer.eos_token_ids)
+    eos_arr = mx.array(eos)
+    no_eos = lambda tokens, logits: logits.at[:, eos_arr].add(-100.0)  # what logit_bias -100 does
+
+    def in_process():
+        first = None
+        t0 = time.perf_counter()
+        for r in stream_generate(model, tokenizer, text, max_tokens=gen_tokens, sampler=make_sampler(temp=0.0), logits_processors=[no_eos]):
+            now = time.perf_counter()
+            first = first or now
+        return {"prefill_tps": r.prompt_tps, "decode_tps": (r.generation_tokens - 1) / (now - first), "ttft_ms": (first - t0) * 1000}
+
+    p = Pipe("ndjson")
+    p.request("model/load", {"model": "default"}, timeout=600)
+
+    def sidecar():
+        t0 = time.perf_counter()
+        gid = p.start("generate", {"model": "default", "prompt": text, "max_tokens": gen_tokens, "temperature": 0,
+                                   "logit_bias": {str(t): -100 for t in eos}, "stream_options": {"chunk_tokens": 1}})
+        first = None
+        while True:
+            msg = p.recv(300)
+            now = time.perf_counter()
+            if msg.get("method") == "generate/chunk" and first is None:
+                first = now
+            if msg.get("id") == gid:
+                break
+        r = msg["result"]
+        return {"prefill_tps": r["timings"]["prompt_tps"], "decode_tps": (r["usage"]["completion_tokens"] - 1) / (now - first),
+                "ttft_ms": (first - t0) * 1000, "prompt_tokens": r["usage"]["prompt_tokens"]}
+
+    in_process(), sidecar()  # warm-up
+    a, b = [], []
+    for _ in range(reps):
+        a.append(in_process())
+        b.append(sidecar())
+    p.close()
+    med = lambda rows, k: statistics.median(r[k] for r in rows)
+    bw = sm.copy_bandwidth()
+    per_token = sm.weight_bytes_per_token(model)
+    limit = bw["copy_gb_s"] * 1e9 / per_token
+    out = {"prompt_tokens": b[0]["prompt_tokens"], "gen_tokens": gen_tokens, "reps": reps,
+           "weight_bytes_per_token": per_token, "copy_gb_s": bw["copy_gb_s"], "decode_limit_tps": limit}
+    for k in ("prefill_tps", "decode_tps", "ttft_ms"):
+        out[k] = {"in_process": med(a, k), "sidecar": med(b, k), "ratio": med(b, k) / med(a, k)}
+    out["decode_fraction_of_limit"] = out["decode_tps"]["sidecar"] / limit
+    return out
+
+
+def clients(reps: int) -> dict:
+    """The reference clients' own benches (client ÷ raw pipe), when they are built."""
+    import subprocess
+
+    out = {}
+    ts = ROOT / "clients" / "typescript"
+    if (ts / "dist" / "index.js").exists():
+        r = subprocess.run(["node", str(ROOT / "bench" / "client_typescript.mjs"), "--json", "--reps", str(reps)],
+                           capture_output=True, text=True, cwd=ROOT, timeout=900)
+        out["typescript"] = json.loads(r.stdout) if r.returncode == 0 else {"error": r.stderr[-2000:]}
+    go = ROOT / "clients" / "go"
+    if (go / "cmd" / "sidecar-bench").is_dir():
+        r = subprocess.run(["go", "run", "./cmd/sidecar-bench", "-json", "-reps", str(reps)],
+                           capture_output=True, text=True, cwd=go, timeout=900)
+        out["go"] = json.loads(r.stdout) if r.returncode == 0 else {"error": r.stderr[-2000:]}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--default-model", action="store_true", help="also measure SmolLM2-135M (fetched and converted once)")
+    ap.add_argument("--clients", action="store_true", help="also run the TypeScript and Go clients' benches")
     args = ap.parse_args()
     reps = 3 if args.quick else 7
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -199,9 +284,9 @@ def main() -> int:
         small = str(make_model(Path(tmp) / "small", preset="small"))
         results["batch_small"] = batch(small, (1, 4, 8, 16), 2 if args.quick else 3, 64 if args.quick else 128)
         if args.default_model:
-            from mlx_sidecar.sources import resolve
-
-            results["stream_default"] = stream(str(resolve("default")), ("ndjson",), 3 if args.quick else 5, 128)
+            results["default_model"] = default_model(2 if args.quick else 5)
+        if args.clients:
+            results["clients"] = clients(3 if args.quick else 7)
     print_table(results)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -233,6 +318,21 @@ def print_table(r: dict) -> None:
             if f in s:
                 v = s[f]
                 print(f"{f:<9} {v['tps']:>8.1f} {v['ratio']:>7.3f} {v['ttft_ms']:>8.2f} {v['ttft_minus_in_process_ms']:>9.2f}")
+    d = r.get("default_model")
+    if d:
+        print(f"\ndefault model (SmolLM2-135M, float32): {d['prompt_tokens']}-token prompt, {d['gen_tokens']} tokens, {d['reps']} reps")
+        print(f"{'':<12} {'in-process':>11} {'sidecar':>9} {'ratio':>7}")
+        for k in ("prefill_tps", "decode_tps", "ttft_ms"):
+            print(f"{k:<12} {d[k]['in_process']:>11.1f} {d[k]['sidecar']:>9.1f} {d[k]['ratio']:>7.3f}")
+        print(f"decode limit: {d['weight_bytes_per_token'] / 1e6:.0f} MB of weights per token ÷ {d['copy_gb_s']:.1f} GB/s copy bandwidth"
+              f" = {d['decode_limit_tps']:.0f} tok/s; the sidecar reaches {d['decode_fraction_of_limit']:.0%}")
+    for name, c in (r.get("clients") or {}).items():
+        if "error" in c:
+            print(f"\n{name} client bench failed: {c['error'][-300:]}")
+            continue
+        g, pg = c["generate"], c["ping"]
+        print(f"\n{name} client ÷ raw pipe: generate {g['ratio']:.3f}, pings/s {pg['ratio']:.3f}"
+              f" ({pg['client_per_s_median']:.0f} vs {pg['raw_per_s_median']:.0f})")
     if "batch_small" in r:
         print_batch("batch_small (24M-parameter random llama)", r["batch_small"])
 
