@@ -52,14 +52,14 @@ def test_ndjson_frame_too_large_is_skipped(spawn):
 def test_lsp_bad_header_and_oversized_body(spawn):
     p = spawn("lsp", args=["--max-frame-bytes", "1000"])
     p.send_raw(b"Content-Length: 5\r\n\r\n{bad}")                               # bad JSON body
-    p.send_raw(b"Content-Length: abc\r\n\r\n")                                 # bad header
-    p.send_raw(b"Content-Type: x\r\n\r\n")                                     # no length
+    p.send_raw(b"Content-Length: abc\r\n\r\n")                                 # bad header: skip to the next frame,
+    p.send_raw(b"Content-Type: x\r\n\r\n")                                     # so this length-less block goes with it
     big = b'{"jsonrpc":"2.0","id":9,"method":"runtime/ping","params":{"p":"' + b"y" * 5000 + b'"}}'
     p.send_raw(b"Content-Length: %d\r\n\r\n" % len(big) + big)                # skipped by its length
     p.send({"jsonrpc": "2.0", "id": 2, "method": "runtime/ping"})
-    errors = [p.recv() for _ in range(4)]
-    assert [e["error"]["code"] for e in errors] == [-32700, -32700, -32700, -32600]
-    assert errors[3]["error"]["data"]["type"] == "frame_too_large"
+    errors = [p.recv() for _ in range(3)]
+    assert [e["error"]["code"] for e in errors] == [-32700, -32700, -32600]
+    assert errors[2]["error"]["data"]["type"] == "frame_too_large"
     assert all(e["id"] is None for e in errors)
     assert p.recv() == {"jsonrpc": "2.0", "id": 2, "result": {}}
 
@@ -99,3 +99,36 @@ def test_last_line_without_newline_is_read_at_eof(spawn):
     p.close_stdin()
     assert p.recv(10) == {"jsonrpc": "2.0", "id": 1, "result": {}}
     assert p.proc.wait(10) == 0
+
+
+def test_lsp_bad_header_with_a_body_resyncs(spawn):
+    p = spawn("lsp")
+    body = b'{"jsonrpc":"2.0","id":1,"method":"runtime/ping"}'
+    p.send_raw(b"Content-Lngth: %d\r\n\r\n" % len(body) + body)              # misspelt: no usable length
+    p.send_raw(b"Content-Length: %d\r\nX-Broken\r\n\r\n" % len(body) + body)  # a length and a bad line
+    p.send({"jsonrpc": "2.0", "id": 2, "method": "runtime/ping"})
+    p.send({"jsonrpc": "2.0", "id": 3, "method": "runtime/ping"})
+    first, second = p.recv(), p.recv()
+    assert first["error"]["code"] == second["error"]["code"] == -32700
+    assert p.recv() == {"jsonrpc": "2.0", "id": 2, "result": {}}
+    assert p.recv() == {"jsonrpc": "2.0", "id": 3, "result": {}}
+
+
+def test_msgpack_resyncs_without_answering_leftovers(spawn):
+    p = spawn("msgpack", args=["--framing", "msgpack"])  # the first byte is garbage: no auto-detection
+    good = msgpack.packb({"jsonrpc": "2.0", "id": 1, "method": "runtime/ping"})
+    # A bad byte, then the tail of some frame (ten 'x' bytes and a stray fixmap start), then requests,
+    # all in one write: exactly one error, then both pings answered, nothing else.
+    garbage = b"\xc1" + b"x" * 10 + b"\x81\xa1"
+    p.send_raw(garbage + good + msgpack.packb({"jsonrpc": "2.0", "id": 2, "method": "runtime/ping"}))
+    answers = [p.recv() for _ in range(3)]
+    assert answers[0]["error"]["code"] == -32700
+    assert answers[1:] == [{"jsonrpc": "2.0", "id": 1, "result": {}}, {"jsonrpc": "2.0", "id": 2, "result": {}}]
+    # The same split across writes.
+    p.send_raw(b"\xc1xxxx")
+    assert p.recv()["error"]["code"] == -32700
+    p.send_raw(b"yyyy" + good[:5])
+    p.send_raw(good[5:])
+    assert p.recv() == {"jsonrpc": "2.0", "id": 1, "result": {}}
+    p.send({"jsonrpc": "2.0", "id": 9, "method": "runtime/ping"})
+    assert p.recv() == {"jsonrpc": "2.0", "id": 9, "result": {}}

@@ -128,3 +128,13 @@ def test_duplicate_id_in_flight(loaded):
     p.notify("$/cancelRequest", {"id": "dup"})
     answer, _ = p.wait("dup")
     assert answer["error"]["code"] == -32800
+
+
+def test_query_methods_sent_as_notifications_are_ignored(loaded):
+    p = loaded
+    p.notify("generate", {"model": "m", "prompt": "x", "max_tokens": 100000})
+    info, _ = p.request("runtime/info")
+    assert info["result"]["in_flight"]["generating"] == 0 and info["result"]["in_flight"]["queued"] == 0
+    # model/unload as a notification still has its effect.
+    p.notify("model/unload", {"model": "m"})
+    assert p.request("generate", {"model": "m", "prompt": "x"})[0]["error"]["code"] == -32000

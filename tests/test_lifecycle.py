@@ -179,3 +179,17 @@ def test_cancel_while_queued(loaded):
     assert chunks_of(notes, second) == []
     p.notify("$/cancelRequest", {"id": first})
     assert p.wait(first)[0]["error"]["code"] == -32800
+
+
+def test_work_still_running_at_exit_is_answered(spawn, tmp_path):
+    """A model load that cannot finish within the stop budget still gets its one answer."""
+    from mlx_sidecar.testing import make_model
+
+    small = make_model(tmp_path / "small", preset="small")
+    p = spawn()
+    p.request("runtime/ping")
+    lid = p.start("model/load", {"model": str(small), "id": "s", "dtype": "float16"})
+    p.close_stdin()
+    answer, _ = p.wait(lid, timeout=10)
+    assert "result" in answer or answer["error"]["code"] == -32800
+    assert p.proc.wait(5) == 0

@@ -189,10 +189,11 @@ class Dispatcher:
         reject(id, error)
 
     def _notification(self, method, params, received) -> None:
-        handler = NOTIFICATIONS.get(method) or HANDLERS.get(method)
-        if handler is None:
+        handler = NOTIFICATIONS.get(method)
+        if handler is None or (self.server.shutting_down and method not in ("exit", "$/cancelRequest")):
             if not method.startswith("$/"):
-                log.warning("ignored unknown notification %r", method)
+                log.warning("ignored notification %r (%s)", method, "shutting down" if handler else
+                            "not a notification: send it with an id to get an answer")
             return
         try:
             spec.validate(method, "params", params)

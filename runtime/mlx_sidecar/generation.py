@@ -66,6 +66,11 @@ class Generation:
                                    opts.get("max_latency_ms", DEFAULT_MAX_LATENCY_MS) / 1000.0)
         self.detok = loaded.tokenizer.detokenizer
 
+    def begin(self, cached_tokens: int) -> None:
+        """The runner starts work on this request (after any wait for a batch slot)."""
+        self.started = time.monotonic()
+        self.cached_tokens = cached_tokens
+
     def on_token(self, token: int) -> bool:
         """Take one generated token; returns True when this request has now ended (and answered)."""
         if self.first_at is None:
@@ -116,7 +121,7 @@ class Generation:
             "usage": self.usage(),
             "timings": {
                 "ttft_ms": round((first - self.req.received_at) * 1000, 3),
-                "prompt_tps": round(len(self.prompt_ids) / max(first - self.started, 1e-9), 2),
+                "prompt_tps": round((len(self.prompt_ids) - self.cached_tokens) / max(first - self.started, 1e-9), 2),
                 "generation_tps": round((self.completion - 1) / decode_s, 2) if self.completion > 1 and decode_s > 0 else 0.0,
                 "total_ms": round((now - self.req.received_at) * 1000, 3),
                 "queued_ms": round((self.started - self.req.received_at) * 1000, 3),

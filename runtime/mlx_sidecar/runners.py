@@ -114,7 +114,7 @@ class ModelRunner:
         from mlx_lm.models.cache import make_prompt_cache
 
         cache, rest = self._cached(gen.prompt_ids)
-        gen.cached_tokens = len(gen.prompt_ids) - len(rest)
+        gen.begin(len(gen.prompt_ids) - len(rest))
         self._solo_cache = cache if cache is not None else make_prompt_cache(self.loaded.model)
 
         def check(done, total):
@@ -191,7 +191,7 @@ class ModelRunner:
         while self.waiting and len(self.active) < self.max_batch:
             gen = self.waiting.popleft()
             cache, rest = self._cached(gen.prompt_ids)
-            gen.cached_tokens = len(gen.prompt_ids) - len(rest)
+            gen.begin(len(gen.prompt_ids) - len(rest))
             self._insert(gen, rest, cache, gen.prompt_ids[: gen.cached_tokens], gen.max_tokens)
 
     def _step_batch(self) -> None:

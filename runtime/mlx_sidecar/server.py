@@ -14,7 +14,7 @@ from importlib import metadata
 from . import framing
 from .dispatcher import Dispatcher
 from .engine import Engine
-from .errors import OVERLOADED, RpcError, model_not_found
+from .errors import CANCELLED, OVERLOADED, RpcError, model_not_found
 from .writer import Writer
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,9 @@ class Server:
             req.cancel()
         self.engine.stop()
         self.engine.join(max(0.0, deadline - time.monotonic() - 0.2))
+        # Work the engine could not finish in time (a model load, say) is still answered.
+        for req in list(self.inflight.values()):
+            req.fail(RpcError(CANCELLED, "request cancelled: the runtime is stopping", **(req.partial or {})))
         if self.writer is not None:
             self.writer.flush(max(0.05, deadline - time.monotonic()))
         logging.shutdown()

@@ -1,5 +1,7 @@
 """LSP base protocol: `Content-Length: N\\r\\n\\r\\n` then N bytes of JSON."""
 
+import re
+
 import orjson
 
 from ..errors import INVALID_REQUEST, PARSE_ERROR, RpcError
@@ -8,6 +10,7 @@ from .ndjson import decode
 
 _READ_SIZE = 1 << 16
 _MAX_HEADER_BYTES = 8192
+_CONTENT_LENGTH = re.compile(rb"(?i)content-length:")  # frames abut: no newline before it
 
 
 def encode(message) -> bytes:
@@ -61,10 +64,14 @@ class Reader:
             if not block.strip():
                 continue
             length, problem = _parse_header(block)
-            if problem:
+            if problem and length is None:
+                # No usable length, so the body (if any) cannot be skipped by size: drop bytes up
+                # to the next `Content-Length:`, where the next frame starts.
                 yield Frame(error=RpcError(PARSE_ERROR, f"parse error: bad LSP header ({problem})"))
+                if not self._resync():
+                    return
                 continue
-            too_large = length > self._max
+            too_large = problem is not None or length > self._max
             # Collect (or, when too large, skip) exactly `length` bytes.
             remaining = length
             body = bytearray()
@@ -76,6 +83,9 @@ class Reader:
                     body += self._buf[:take]
                 del self._buf[:take]
                 remaining -= take
+            if problem:
+                yield Frame(error=RpcError(PARSE_ERROR, f"parse error: bad LSP header ({problem}); its {length}-byte body was skipped"))
+                continue
             if too_large:
                 yield Frame(error=RpcError(
                     INVALID_REQUEST,
@@ -85,20 +95,38 @@ class Reader:
             yield decode(bytes(body))
 
 
+    def _resync(self) -> bool:
+        """Drop input up to the next `Content-Length:`; False at EOF."""
+        while True:
+            m = _CONTENT_LENGTH.search(self._buf)
+            if m:
+                del self._buf[: m.start()]
+                return True
+            keep = len(b"content-length:")  # a header name may be split across reads
+            del self._buf[: max(0, len(self._buf) - keep)]
+            if not self._fill():
+                return False
+
+
 def _parse_header(block: bytes):
-    """(content length, None) or (0, what is wrong)."""
+    """(content length or None, what is wrong or None). A valid length with another bad line
+    still lets the body be skipped by its size."""
     length = None
+    problem = None
     for raw in block.replace(b"\r\n", b"\n").split(b"\n"):
         name, colon, value = raw.partition(b":")
         if not colon:
-            return 0, f"line {raw[:40]!r} is not 'Name: value'"
-        if name.strip().lower() == b"content-length":
+            problem = problem or f"line {raw[:40]!r} is not 'Name: value'"
+        elif name.strip().lower() == b"content-length":
             try:
-                length = int(value.strip())
+                n = int(value.strip())
             except ValueError:
-                return 0, f"Content-Length {value.strip()[:20]!r} is not a number"
-            if length < 0:
-                return 0, "Content-Length is negative"
+                problem = problem or f"Content-Length {value.strip()[:20]!r} is not a number"
+                continue
+            if n < 0:
+                problem = problem or "Content-Length is negative"
+            else:
+                length = n
     if length is None:
-        return 0, "no Content-Length"
-    return length, None
+        problem = problem or "no Content-Length"
+    return length, problem

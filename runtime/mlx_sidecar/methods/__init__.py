@@ -18,8 +18,11 @@ HANDLERS = {
     "detokenize": tokenize.detokenize,
 }
 
-# Notifications with their own meaning; other methods sent as notifications run unanswered.
+# What runs when sent as a notification: the real notifications, and methods whose effect outlives
+# their answer. Queries (generate, tokenize, runtime/*, ...) would answer nobody, so they are ignored.
 NOTIFICATIONS = {
     "exit": lifecycle.exit,
     "$/cancelRequest": lifecycle.cancel_request,
+    "model/load": model.load,
+    "model/unload": model.unload,
 }

@@ -55,8 +55,10 @@ def _load(server, engine, req, source, model_id):
             device_type=engine.device["type"],
             progress=progress,
         )
-    finally:
-        progress(1.0, "done", end=True)
+    except Exception:
+        progress(1.0, "failed", end=True)
+        raise
+    progress(1.0, "done", end=True)
     engine.models[model_id] = loaded
     log.info("loaded %s as %r in %.0f ms", source, model_id, loaded.info["load_ms"])
     return loaded.info
