@@ -36,6 +36,7 @@ class Server:
         self.shutting_down = False
         self.got_shutdown = False
         self._shutdown_req = None
+        self._eof = False               # stdin has ended
         self._stop = threading.Event()
         self._exit_code = 0
         self._versions = None
@@ -83,14 +84,14 @@ class Server:
             if self._eof:
                 self.stop(0)
 
-    _eof = False
-
     def _read(self, in_fd: int, out_fd: int) -> None:
-        read = lambda n: os.read(in_fd, n)
-        try:
-            first = read(1 << 16)
-        except OSError:
-            first = b""
+        def read(n: int) -> bytes:
+            try:
+                return os.read(in_fd, n)
+            except OSError:  # stdin closed under us: same as EOF
+                return b""
+
+        first = read(1 << 16)
         name = self.requested_framing
         if name == "auto":
             name = framing.detect(first) if first else "ndjson"
@@ -101,7 +102,7 @@ class Server:
         dispatcher = Dispatcher(self)
         try:
             if first:
-                for frame in codec.Reader(_safe(read), self.max_frame_bytes, first):
+                for frame in codec.Reader(read, self.max_frame_bytes, first):
                     dispatcher.handle(frame)
                     if self._stop.is_set():
                         return
@@ -214,15 +215,6 @@ def _progress(token, value) -> dict:
     return {"jsonrpc": "2.0", "method": "$/progress", "params": {"token": token, "value": value}}
 
 
-def _safe(read):
-    def wrapped(n):
-        try:
-            return read(n)
-        except OSError:
-            return b""
-    return wrapped
-
-
 class _Preload:
     """The request behind a --model flag: answered into the log instead of the pipe."""
 
@@ -249,7 +241,7 @@ def install_signal_handlers(server: Server) -> None:
     signal.signal(signal.SIGTERM, lambda *_: server.stop(0))
     signal.signal(signal.SIGINT, lambda *_: server.stop(0))
     if hasattr(signal, "SIGPIPE"):
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL if False else signal.SIG_IGN)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # a closed stdout is an EPIPE to handle, not a kill
 
 
 def reserve_stdout() -> int:
