@@ -1,0 +1,402 @@
+package sidecar
+
+// Params and results of every method and notification, one Go type per schema in
+// protocol/schemas. Field names on the wire are snake_case. Optional fields are omitted when
+// unset (omitempty); where zero is a meaningful value (temperature 0 is greedy decoding) the
+// field is a pointer: use Ptr. schema_test.go checks every type here against its schema.
+
+import (
+	"encoding/json"
+	"errors"
+	"strconv"
+)
+
+// ProtocolVersion is the protocol version this package speaks.
+const ProtocolVersion = "1.0"
+
+// Ptr returns a pointer to v, for the optional pointer fields of params:
+// &GenerateParams{Temperature: sidecar.Ptr(0.0)}.
+func Ptr[T any](v T) *T { return &v }
+
+// RequestID is a JSON-RPC request id: a string or an integer. The client numbers its own
+// requests with integers.
+type RequestID struct {
+	str   string
+	num   int64
+	isStr bool
+}
+
+// IntID returns the integer id n.
+func IntID(n int64) RequestID { return RequestID{num: n} }
+
+// StringID returns the string id s.
+func StringID(s string) RequestID { return RequestID{str: s, isStr: true} }
+
+// Int returns the id's integer and true, or 0 and false for a string id.
+func (id RequestID) Int() (int64, bool) { return id.num, !id.isStr }
+
+// IsString reports whether the id is a string.
+func (id RequestID) IsString() bool { return id.isStr }
+
+// String formats the id: a string id as is, an integer in decimal.
+func (id RequestID) String() string {
+	if id.isStr {
+		return id.str
+	}
+	return strconv.FormatInt(id.num, 10)
+}
+
+// MarshalJSON implements json.Marshaler.
+func (id RequestID) MarshalJSON() ([]byte, error) {
+	if id.isStr {
+		return json.Marshal(id.str)
+	}
+	return strconv.AppendInt(nil, id.num, 10), nil
+}
+
+// UnmarshalJSON implements json.Unmarshaler.
+func (id *RequestID) UnmarshalJSON(b []byte) error {
+	if len(b) > 0 && b[0] == '"' {
+		var s string
+		if err := json.Unmarshal(b, &s); err != nil {
+			return err
+		}
+		*id = StringID(s)
+		return nil
+	}
+	n, err := strconv.ParseInt(string(b), 10, 64)
+	if err != nil {
+		return errors.New("sidecar: a request id must be a string or an integer, not " + string(b))
+	}
+	*id = IntID(n)
+	return nil
+}
+
+// ---- initialize ----
+
+// InitializeParams are the params of initialize. Start sends them.
+type InitializeParams struct {
+	// ProtocolVersion is the version the client speaks; a different major version is refused.
+	ProtocolVersion string      `json:"protocol_version,omitempty"`
+	ClientInfo      *ClientInfo `json:"client_info,omitempty"`
+}
+
+// ClientInfo names the client in initialize.
+type ClientInfo struct {
+	Name    string `json:"name"`
+	Version string `json:"version,omitempty"`
+}
+
+// InitializeResult is the result of initialize.
+type InitializeResult struct {
+	ProtocolVersion string       `json:"protocol_version"`
+	ServerInfo      ServerInfo   `json:"server_info"`
+	Capabilities    Capabilities `json:"capabilities"`
+}
+
+// ServerInfo names the runtime.
+type ServerInfo struct {
+	Name    string `json:"name"`
+	Version string `json:"version"`
+}
+
+// Capabilities are what the runtime supports, from initialize.
+type Capabilities struct {
+	// Framings lists every framing the runtime speaks; Framing is this connection's.
+	Framings      []string `json:"framings"`
+	Framing       string   `json:"framing"`
+	Methods       []string `json:"methods"`
+	Notifications []string `json:"notifications"`
+	Device        Device   `json:"device"`
+	Versions      Versions `json:"versions"`
+	Limits        Limits   `json:"limits"`
+}
+
+// Limits are the runtime's limits.
+type Limits struct {
+	// MaxFrameBytes is the largest frame the runtime accepts.
+	MaxFrameBytes int64 `json:"max_frame_bytes"`
+	// MaxStopStrings is the most stop strings a generate may give.
+	MaxStopStrings int `json:"max_stop_strings,omitempty"`
+}
+
+// Device is where the runtime computes.
+type Device struct {
+	Type    string `json:"type"`    // "cpu" or "gpu"
+	Backend string `json:"backend"` // "cpu", "metal" or "cuda"
+	Name    string `json:"name,omitempty"`
+}
+
+// Versions are the versions of the runtime and its libraries; nil when a library is missing.
+type Versions struct {
+	MLXSidecar string  `json:"mlx_sidecar"`
+	Python     string  `json:"python"`
+	MLX        *string `json:"mlx"`
+	MLXLM      *string `json:"mlx_lm"`
+	MLXVLM     *string `json:"mlx_vlm,omitempty"`
+}
+
+// ---- shutdown, exit, runtime/ping, runtime/info, model/list: empty params ----
+
+// ShutdownParams are the (empty) params of shutdown.
+type ShutdownParams struct{}
+
+// ShutdownResult is the (empty) result of shutdown.
+type ShutdownResult struct{}
+
+// ExitParams are the (empty) params of the exit notification.
+type ExitParams struct{}
+
+// PingParams are the (empty) params of runtime/ping.
+type PingParams struct{}
+
+// PingResult is the (empty) result of runtime/ping.
+type PingResult struct{}
+
+// InfoParams are the (empty) params of runtime/info.
+type InfoParams struct{}
+
+// ModelListParams are the (empty) params of model/list.
+type ModelListParams struct{}
+
+// ---- runtime/info ----
+
+// RuntimeInfo is the result of runtime/info.
+type RuntimeInfo struct {
+	ServerInfo      ServerInfo  `json:"server_info"`
+	ProtocolVersion string      `json:"protocol_version"`
+	PID             int         `json:"pid"`
+	UptimeMS        float64     `json:"uptime_ms"`
+	Framing         string      `json:"framing"`
+	Device          Device      `json:"device"`
+	Versions        Versions    `json:"versions"`
+	Memory          Memory      `json:"memory"`
+	Models          []ModelInfo `json:"models"`
+	InFlight        InFlight    `json:"in_flight"`
+}
+
+// Memory is the runtime's memory use.
+type Memory struct {
+	ActiveBytes int64 `json:"active_bytes"`
+	PeakBytes   int64 `json:"peak_bytes"`
+	CacheBytes  int64 `json:"cache_bytes"`
+	RSSBytes    int64 `json:"rss_bytes"`
+}
+
+// InFlight counts the requests the runtime is working on.
+type InFlight struct {
+	Requests   int `json:"requests"`
+	Generating int `json:"generating"`
+	Queued     int `json:"queued"`
+}
+
+// ---- model/load, model/unload, model/list ----
+
+// ModelLoadParams are the params of model/load.
+type ModelLoadParams struct {
+	// Model is a local model directory, a .gguf file, an alias such as "default", or a
+	// Hugging Face id.
+	Model string `json:"model"`
+	// ID names the model in later calls; default: Model as given.
+	ID string `json:"id,omitempty"`
+	// DType is "auto", "float32", "float16" or "bfloat16".
+	DType string `json:"dtype,omitempty"`
+	// TrustRemoteCode allows model code shipped with the weights to run.
+	TrustRemoteCode *bool `json:"trust_remote_code,omitempty"`
+}
+
+// ModelInfo describes a loaded model: the result of model/load, and the items of model/list.
+type ModelInfo struct {
+	ID            string        `json:"id"`
+	Kind          string        `json:"kind"` // "llm" or "vlm"
+	Path          string        `json:"path"`
+	Architecture  string        `json:"architecture"`
+	Parameters    int64         `json:"parameters"`
+	ContextLength *int          `json:"context_length"` // nil when unknown
+	DType         string        `json:"dtype"`
+	Quantization  *Quantization `json:"quantization"` // nil when not quantized
+	MemoryBytes   int64         `json:"memory_bytes"`
+	LoadMS        float64       `json:"load_ms"`
+	// ChunkTokens is the default number of tokens per generate/chunk for this model.
+	ChunkTokens int `json:"chunk_tokens"`
+}
+
+// Quantization describes quantized weights.
+type Quantization struct {
+	Bits      int    `json:"bits"`
+	GroupSize int    `json:"group_size"`
+	Mode      string `json:"mode,omitempty"`
+}
+
+// ModelUnloadParams are the params of model/unload.
+type ModelUnloadParams struct {
+	Model string `json:"model"`
+}
+
+// ModelUnloadResult is the result of model/unload.
+type ModelUnloadResult struct {
+	ID string `json:"id"`
+}
+
+// ModelListResult is the result of model/list.
+type ModelListResult struct {
+	Models []ModelInfo `json:"models"`
+}
+
+// ---- generate ----
+
+// GenerateParams are the params of generate. Give Prompt (raw text, no chat template) or
+// Messages (rendered with the model's chat template), not both.
+type GenerateParams struct {
+	// Model is the id of a loaded model.
+	Model    string    `json:"model"`
+	Prompt   string    `json:"prompt,omitempty"`
+	Messages []Message `json:"messages,omitempty"`
+	// MaxTokens defaults to 256 and is never past the model's context; 0 means the default.
+	MaxTokens int `json:"max_tokens,omitempty"`
+	// Temperature defaults to 1.0; 0 is greedy.
+	Temperature       *float64 `json:"temperature,omitempty"`
+	TopP              *float64 `json:"top_p,omitempty"`
+	TopK              *int     `json:"top_k,omitempty"` // 0 turns it off
+	MinP              *float64 `json:"min_p,omitempty"`
+	RepetitionPenalty *float64 `json:"repetition_penalty,omitempty"` // 1 turns it off
+	PresencePenalty   *float64 `json:"presence_penalty,omitempty"`
+	FrequencyPenalty  *float64 `json:"frequency_penalty,omitempty"`
+	// LogitBias maps token ids to an additive bias in [-100, 100].
+	LogitBias map[int]float64 `json:"logit_bias,omitempty"`
+	// Stop lists up to 16 stop strings; the text stops before the first one.
+	Stop         []string `json:"stop,omitempty"`
+	StopTokenIDs []int    `json:"stop_token_ids,omitempty"`
+	Seed         *int64   `json:"seed,omitempty"`
+	// Stream defaults to true: generate/chunk notifications are sent while generating.
+	Stream        *bool          `json:"stream,omitempty"`
+	StreamOptions *StreamOptions `json:"stream_options,omitempty"`
+}
+
+// StreamOptions tune how generated tokens are grouped into chunks.
+type StreamOptions struct {
+	// ChunkTokens is the number of tokens per chunk after the first; default by model size.
+	ChunkTokens int `json:"chunk_tokens,omitempty"`
+	// MaxLatencyMS is the longest a generated token waits before it is sent; default 20.
+	MaxLatencyMS *float64 `json:"max_latency_ms,omitempty"`
+}
+
+// Message is a chat message in OpenAI's format.
+type Message struct {
+	// Role is "system", "developer", "user", "assistant" or "tool".
+	Role string `json:"role"`
+	// Content is a string, a []ContentPart, or nil.
+	Content    any              `json:"content,omitempty"`
+	Name       string           `json:"name,omitempty"`
+	ToolCalls  []map[string]any `json:"tool_calls,omitempty"`
+	ToolCallID string           `json:"tool_call_id,omitempty"`
+}
+
+// ContentPart is one part of a message's content: {Type: "text", Text: ...} or
+// {Type: "image_url", ImageURL: ...}.
+type ContentPart struct {
+	Type     string    `json:"type"`
+	Text     string    `json:"text,omitempty"`
+	ImageURL *ImageURL `json:"image_url,omitempty"`
+}
+
+// ImageURL points at an image.
+type ImageURL struct {
+	URL    string `json:"url"`
+	Detail string `json:"detail,omitempty"`
+}
+
+// GenerateResult is the result of generate.
+type GenerateResult struct {
+	// Text is the whole generated text, stop strings excluded.
+	Text string `json:"text"`
+	// FinishReason is "stop" or "length".
+	FinishReason string  `json:"finish_reason"`
+	Usage        Usage   `json:"usage"`
+	Timings      Timings `json:"timings"`
+	Model        string  `json:"model"`
+}
+
+// Usage counts tokens.
+type Usage struct {
+	PromptTokens     int `json:"prompt_tokens"`
+	CompletionTokens int `json:"completion_tokens"`
+	TotalTokens      int `json:"total_tokens"`
+	// CachedTokens counts prompt tokens served from the prompt cache.
+	CachedTokens int `json:"cached_tokens,omitempty"`
+}
+
+// Timings of a generation, in milliseconds and tokens per second.
+type Timings struct {
+	// TTFTMS runs from the request reaching the engine to its first token.
+	TTFTMS        float64 `json:"ttft_ms"`
+	PromptTPS     float64 `json:"prompt_tps"`
+	GenerationTPS float64 `json:"generation_tps"`
+	TotalMS       float64 `json:"total_ms"`
+	// QueuedMS is the time spent waiting for the engine before work started.
+	QueuedMS float64 `json:"queued_ms,omitempty"`
+}
+
+// Chunk is the params of a generate/chunk notification: newly generated text.
+type Chunk struct {
+	// ID is the id of the generate request the chunk belongs to.
+	ID RequestID `json:"id"`
+	// Index counts the request's chunks: 0, 1, 2, ...
+	Index int `json:"index"`
+	// Text is only the new text.
+	Text string `json:"text"`
+	// TokenIDs are the tokens generated since the previous chunk.
+	TokenIDs []int `json:"token_ids"`
+}
+
+// ---- tokenize, detokenize ----
+
+// TokenizeParams are the params of tokenize: Text or Messages, not both.
+type TokenizeParams struct {
+	Model    string    `json:"model"`
+	Text     string    `json:"text,omitempty"`
+	Messages []Message `json:"messages,omitempty"`
+	// AddSpecialTokens defaults to true for Text (e.g. BOS).
+	AddSpecialTokens *bool `json:"add_special_tokens,omitempty"`
+}
+
+// TokenizeResult is the result of tokenize.
+type TokenizeResult struct {
+	Tokens []int `json:"tokens"`
+	// Text is the rendered prompt, when Messages were given.
+	Text string `json:"text,omitempty"`
+}
+
+// DetokenizeParams are the params of detokenize.
+type DetokenizeParams struct {
+	Model  string `json:"model"`
+	Tokens []int  `json:"tokens"`
+}
+
+// DetokenizeResult is the result of detokenize.
+type DetokenizeResult struct {
+	Text string `json:"text"`
+}
+
+// ---- notifications ----
+
+// CancelRequestParams are the params of the $/cancelRequest notification.
+type CancelRequestParams struct {
+	ID RequestID `json:"id"`
+}
+
+// Progress is the params of a $/progress notification, sent while model/load runs.
+type Progress struct {
+	// Token is the id of the request whose progress this is.
+	Token RequestID     `json:"token"`
+	Value ProgressValue `json:"value"`
+}
+
+// ProgressValue is one step of progress, in LSP's shape.
+type ProgressValue struct {
+	// Kind is "begin", "report" or "end".
+	Kind       string   `json:"kind"`
+	Title      string   `json:"title,omitempty"`
+	Message    string   `json:"message,omitempty"`
+	Percentage *float64 `json:"percentage,omitempty"`
+}
