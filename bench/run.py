@@ -112,7 +112,7 @@ def stream(model_dir: str, framings, reps: int, max_tokens: int) -> dict:
     model, tokenizer = load(model_dir)  # the sidecar also runs these float32 weights as they are
     pipes = {}
     for f in framings:
-        pipes[f] = Pipe(f)
+        pipes[f] = Pipe(f, args=["--prompt-cache-bytes", "0"])  # repeated prompts: compare real prefill
         pipes[f].request("model/load", {"model": model_dir, "id": "m"}, timeout=600)
     in_process_stream(model, tokenizer, 16)  # warm-up
     for p in pipes.values():
@@ -210,7 +210,7 @@ def default_model(reps: int, prompt_tokens: int = 256, gen_tokens: int = 64) -> 
             first = first or now
         return {"prefill_tps": r.prompt_tps, "decode_tps": (r.generation_tokens - 1) / (now - first), "ttft_ms": (first - t0) * 1000}
 
-    p = Pipe("ndjson")
+    p = Pipe("ndjson", args=["--prompt-cache-bytes", "0"])  # repeated prompt: compare real prefill
     p.request("model/load", {"model": "default"}, timeout=600)
 
     def sidecar():
@@ -245,6 +245,27 @@ def default_model(reps: int, prompt_tokens: int = 256, gen_tokens: int = 64) -> 
         out[k] = {"in_process": med(a, k), "sidecar": med(b, k), "ratio": med(b, k) / med(a, k)}
     out["decode_fraction_of_limit"] = out["decode_tps"]["sidecar"] / limit
     return out
+
+
+def prompt_cache(model: str, prefix_words: int) -> dict:
+    """Time to first token for a long prompt, then for another prompt sharing its prefix."""
+    p = Pipe("ndjson")
+    p.request("model/load", {"model": model, "id": "m"}, timeout=600)
+    prefix = "You are a careful assistant who answers questions about cities and rivers. " * (prefix_words // 12)
+
+    def ask(question):
+        answer = p.request("generate", {"model": "m", "prompt": prefix + question, "max_tokens": 4, "temperature": 0,
+                                        "stream": False}, timeout=600)[0]
+        if "result" not in answer:
+            raise RuntimeError(f"generate failed: {answer['error']}")
+        r = answer["result"]
+        return r["timings"]["ttft_ms"], r["usage"]
+
+    cold, usage = ask(" Which river runs through Paris?")
+    warm, usage2 = ask(" Which river runs through Rome?")
+    p.close()
+    return {"prompt_tokens": usage["prompt_tokens"], "cached_tokens": usage2.get("cached_tokens", 0),
+            "ttft_cold_ms": cold, "ttft_shared_prefix_ms": warm}
 
 
 def clients(reps: int) -> dict:
@@ -290,9 +311,11 @@ def main() -> int:
         results["ping"] = {f: ping(f, 200 if args.quick else 1000, 5000 if args.quick else 20000) for f in FRAMINGS}
         results["stream_tiny"] = stream(tiny, FRAMINGS, reps, 500 if args.quick else 2000)
         small = str(make_model(Path(tmp) / "small", preset="small"))
+        results["prompt_cache_small"] = prompt_cache(small, 500)
         results["batch_small"] = batch(small, (1, 4, 8, 16), 2 if args.quick else 3, 64 if args.quick else 128)
         if args.default_model:
             results["default_model"] = default_model(2 if args.quick else 5)
+            results["prompt_cache_default"] = prompt_cache("default", 800)
         if args.clients:
             results["clients"] = clients(3 if args.quick else 7)
     print_table(results)
@@ -341,6 +364,11 @@ def print_table(r: dict) -> None:
         g, pg = c["generate"], c["ping"]
         print(f"\n{name} client ÷ raw pipe: generate {g['ratio']:.3f} (wall÷engine {g['delivery_ratio']:.3f}), pings/s {pg['ratio']:.3f}"
               f" ({pg['client_per_s_median']:.0f} vs {pg['raw_per_s_median']:.0f})")
+    for key in ("prompt_cache_small", "prompt_cache_default"):
+        c = r.get(key)
+        if c:
+            print(f"\n{key}: {c['prompt_tokens']}-token prompt; time to first token {c['ttft_cold_ms']:.0f} ms cold, "
+                  f"{c['ttft_shared_prefix_ms']:.0f} ms for a new question sharing its prefix ({c['cached_tokens']} tokens cached)")
     if "batch_small" in r:
         print_batch("batch_small (24M-parameter random llama)", r["batch_small"])
 
