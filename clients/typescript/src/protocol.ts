@@ -59,12 +59,13 @@ export interface Usage {
 }
 
 export interface Timings {
-  /** From the request reaching the engine to its first token. */
+  /** From the request being read off the pipe to its first token (queueing included). */
   ttft_ms: number;
+  /** Prompt tokens prefilled (cached ones excluded) per second. */
   prompt_tps: number;
   generation_tps: number;
   total_ms: number;
-  /** Time spent waiting for the engine before work started. */
+  /** From the request being read to work starting on it (waiting for the engine or a batch slot). */
   queued_ms?: number;
 }
 
@@ -256,7 +257,7 @@ export interface GenerateResult {
 
 export type TokenizeParams = {
   model: string;
-  /** Default true for text (e.g. BOS); a rendered chat template carries its own. */
+  /** For text: default adds the tokenizer's special tokens (e.g. BOS) unless the text already starts with BOS. Messages are rendered by the chat template, which carries its own. */
   add_special_tokens?: boolean;
 } & ({
   text: string;
