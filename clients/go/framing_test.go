@@ -78,11 +78,12 @@ func normalizeNumbers(v any) any {
 	case json.Number:
 		if isIntegerLiteral(string(v)) {
 			// An integer past 64 bits can only travel as a float (MessagePack has no bigger).
-			if _, err := strconv.ParseInt(string(v), 10, 64); err == nil {
-				return "int:" + string(v)
+			// Compare by value: "-0" and "0" are the same integer (MessagePack has no -0).
+			if n, err := strconv.ParseInt(string(v), 10, 64); err == nil {
+				return "int:" + strconv.FormatInt(n, 10)
 			}
-			if _, err := strconv.ParseUint(string(v), 10, 64); err == nil {
-				return "int:" + string(v)
+			if n, err := strconv.ParseUint(string(v), 10, 64); err == nil {
+				return "int:" + strconv.FormatUint(n, 10)
 			}
 		}
 		f, _ := v.Float64()
