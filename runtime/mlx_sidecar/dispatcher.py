@@ -8,8 +8,8 @@ import threading
 import time
 
 from . import spec
-from .errors import (CANCELLED, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND,
-                     RpcError)
+from .errors import (CANCELLED, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND,
+                     RpcError, internal)
 from .methods import HANDLERS, NOTIFICATIONS, PENDING
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ class Dispatcher:
             return
         except Exception as e:
             log.exception("%s failed", req.method)
-            req.fail(RpcError(INTERNAL_ERROR, f"internal error in {req.method}: {type(e).__name__}: {e}"))
+            req.fail(internal(req.method, e))
             return
         if result is not PENDING:
             req.respond(result)

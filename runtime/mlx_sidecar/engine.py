@@ -12,7 +12,7 @@ import threading
 import time
 
 from . import blas
-from .errors import INTERNAL_ERROR, MODEL_UNLOADED, RpcError
+from .errors import MODEL_UNLOADED, RpcError, internal
 from .runners import ModelRunner, cancelled_error
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class Engine:
             return
         except Exception as e:
             log.exception("%s failed", req.method)
-            req.fail(RpcError(INTERNAL_ERROR, f"internal error in {req.method}: {type(e).__name__}: {e}"))
+            req.fail(internal(req.method, e))
             return
         self._snapshot_memory()  # before answering, so runtime/info right after sees the new model
         req.respond(result)
@@ -148,7 +148,7 @@ class Engine:
             return
         except Exception as e:
             log.exception("could not start generation")
-            gen.req.fail(RpcError(INTERNAL_ERROR, f"internal error starting generate: {type(e).__name__}: {e}"))
+            gen.req.fail(internal("generate", e))
             return
         runner = self._runners.get(gen.model_id)
         if runner is None or runner.loaded is not gen.loaded:

@@ -50,3 +50,8 @@ def model_not_found(model: str) -> RpcError:
         f"model {model!r} is not loaded; load it first with model/load (model/list shows what is loaded)",
         model=model,
     )
+
+
+def internal(what: str, e: BaseException) -> RpcError:
+    """A bug surfaced as -32603; the runtime keeps serving."""
+    return RpcError(INTERNAL_ERROR, f"internal error in {what}: {type(e).__name__}: {e}")
