@@ -277,6 +277,9 @@ func FuzzReadFrame(f *testing.F) {
 			}
 			if framing != MsgPack { // any JSON text also survives MessagePack
 				packed, err := appendMsgpack(nil, frame)
+				if err != nil && strings.Contains(err.Error(), "out of range") {
+					continue // a number no float64 holds (1e750): refusing it is right
+				}
 				if err != nil {
 					t.Fatalf("appendMsgpack(%q): %v", frame, err)
 				}
