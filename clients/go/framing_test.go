@@ -277,8 +277,8 @@ func FuzzReadFrame(f *testing.F) {
 			}
 			if framing != MsgPack { // any JSON text also survives MessagePack
 				packed, err := appendMsgpack(nil, frame)
-				if err != nil && strings.Contains(err.Error(), "out of range") {
-					continue // a number no float64 holds (1e750): refusing it is right
+				if err != nil && (strings.Contains(err.Error(), "out of range") || errors.Is(err, errTooDeep)) {
+					continue // a number no float64 holds (1e750), or deeper than the reader reads: refusing it is right
 				}
 				if err != nil {
 					t.Fatalf("appendMsgpack(%q): %v", frame, err)
@@ -292,8 +292,9 @@ func FuzzReadFrame(f *testing.F) {
 	})
 }
 
-// TestMsgpackEncoding: the one-pass JSON to MessagePack transcoder agrees with the msgpack
-// module's own encoding of the decoded value, byte for byte apart from map order.
+// TestMsgpackEncoding: JSON to MessagePack keeps every value (integers exact as int64/uint64,
+// other numbers float64, -0 as 0), writes minimal encodings like the msgpack module's own
+// encoding of the decoded value, and refuses anything that is not exactly one JSON value.
 func TestMsgpackEncoding(t *testing.T) {
 	cases := append([]string{
 		`0`, `-1`, `-32`, `-33`, `127`, `128`, `255`, `256`, `65535`, `65536`, `4294967295`, `4294967296`,
@@ -339,12 +340,40 @@ func TestMsgpackEncoding(t *testing.T) {
 			}
 		}
 	}
-	for _, bad := range []string{``, `{`, `[1,]`, `{"a"}`, `{"a":1,}`, `01`, `1.`, `.5`, `-`, `1e`, `tru`, `"\x"`, `"\u12"`, "\"a\nb\"", `"abc`, `1 2`, `[1 2]`, `{1:2}`, `nul`} {
+	for _, bad := range []string{``, `{`, `[1,]`, `{"a"}`, `{"a":1,}`, `01`, `1.`, `.5`, `-`, `1e`, `tru`, `"\x"`, `"\u12"`, "\"a\nb\"", `"abc`, `1 2`, `[1 2]`, `{1:2}`, `nul`,
+		`[01]`, `{"a":1 "b":2}`, `[1,,2]`, `{"a" 1}`, `[1]]`, `]`, `}`, `{"a":1]`, `[1}`, `1e750`, `[-1e999]`} {
 		if out, err := appendMsgpack([]byte("k"), []byte(bad)); err == nil || string(out) != "k" {
 			t.Errorf("%q: accepted (% x)", bad, out)
 		}
-		if json.Valid([]byte(bad)) {
+		if json.Valid([]byte(bad)) && !strings.Contains(bad, "e7") && !strings.Contains(bad, "e9") {
 			t.Errorf("%q is valid JSON; the case is wrong", bad)
+		}
+	}
+	// Nesting: 1000 levels are written, 1001 refused.
+	for depth, ok := range map[int]bool{1000: true, 1001: false} {
+		msg := strings.Repeat("[", depth) + strings.Repeat("]", depth)
+		out, err := appendMsgpack(nil, []byte(msg))
+		if (err == nil) != ok {
+			t.Errorf("depth %d: %v", depth, err)
+		}
+		if ok {
+			back, err := newFrameReader(MsgPack, bytes.NewReader(out), 0).ReadFrame()
+			if err != nil || string(back) != msg {
+				t.Errorf("depth %d came back as %.20s... (%v)", depth, back, err)
+			}
+		}
+	}
+	// Integers keep their exact value and kind; -0 is the integer 0; -0.0 stays a float.
+	for in, want := range map[string]string{
+		`[-0,9223372036854775807,18446744073709551615,-9223372036854775808,-0.0,1.0,1E2]`: `[0,9223372036854775807,18446744073709551615,-9223372036854775808,-0.0,1.0,100.0]`,
+	} {
+		out, err := appendMsgpack(nil, []byte(in))
+		if err != nil {
+			t.Fatal(err)
+		}
+		back, err := newFrameReader(MsgPack, bytes.NewReader(out), 0).ReadFrame()
+		if err != nil || string(back) != want {
+			t.Errorf("%s came back as %s (%v); want %s", in, back, err, want)
 		}
 	}
 }

@@ -7,12 +7,13 @@ package sidecar
 import (
 	"bufio"
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"math"
 	"strconv"
-	"unicode/utf16"
+	"strings"
 	"unicode/utf8"
 
 	"github.com/vmihailenco/msgpack/v5"
@@ -25,389 +26,123 @@ var errTooDeep = errors.New("nested deeper than 1000 levels")
 
 // ---- JSON to MessagePack ----
 
-// appendMsgpack appends the MessagePack encoding of the JSON text msg to dst, in one pass
-// over the text: integers become MessagePack integers, other numbers float64, strings str.
-// On error dst is returned unchanged.
+// appendMsgpack appends the MessagePack encoding of the JSON text msg to dst. encoding/json
+// reads the text (UseNumber keeps each number's literal) and msgpack writes the values;
+// this code only supplies what neither does: a container's length before its members (one
+// pass over the tokens to count, one to encode) and numbers' kinds: an integer literal
+// becomes the smallest MessagePack integer that holds it exactly (int64 or uint64), anything
+// else float64. On error dst is returned unchanged.
 func appendMsgpack(dst, msg []byte) ([]byte, error) {
-	e := jsonToMsgpack{in: msg, out: dst}
-	e.skipSpace()
-	if err := e.value(0); err != nil {
+	toks, counts, err := jsonTokens(msg)
+	if err != nil {
 		return dst, err
 	}
-	e.skipSpace()
-	if e.pos != len(e.in) {
-		return dst, e.fail("more than one JSON value in a message")
-	}
-	return e.out, nil
-}
-
-type jsonToMsgpack struct {
-	in  []byte
-	pos int
-	out []byte
-	str []byte // scratch for unescaped strings
-}
-
-func (e *jsonToMsgpack) fail(what string) error {
-	return fmt.Errorf("sidecar: invalid JSON at byte %d: %s", e.pos, what)
-}
-
-func (e *jsonToMsgpack) skipSpace() {
-	for e.pos < len(e.in) {
-		switch e.in[e.pos] {
-		case ' ', '\t', '\n', '\r':
-			e.pos++
-		default:
-			return
+	buf := bytes.NewBuffer(dst)
+	enc := msgpack.NewEncoder(buf)
+	for i, t := range toks {
+		switch t := t.(type) {
+		case json.Delim:
+			switch t {
+			case '{':
+				err = enc.EncodeMapLen(counts[i] / 2) // members count names and values
+			case '[':
+				err = enc.EncodeArrayLen(counts[i])
+			}
+		case string:
+			err = enc.EncodeString(t)
+		case json.Number:
+			err = encodeNumber(enc, string(t))
+		case bool:
+			err = enc.EncodeBool(t)
+		case nil:
+			err = enc.EncodeNil()
 		}
-	}
-}
-
-func (e *jsonToMsgpack) value(depth int) error {
-	if depth > maxNesting {
-		return e.fail("nested deeper than 1000 levels")
-	}
-	if e.pos >= len(e.in) {
-		return e.fail("unexpected end")
-	}
-	switch c := e.in[e.pos]; {
-	case c == '{':
-		return e.container(depth, '}', true)
-	case c == '[':
-		return e.container(depth, ']', false)
-	case c == '"':
-		s, err := e.string()
 		if err != nil {
-			return err
+			return dst, err
 		}
-		e.out = appendMsgpackStr(e.out, s)
-		return nil
-	case c == 't':
-		return e.literal("true", 0xc3)
-	case c == 'f':
-		return e.literal("false", 0xc2)
-	case c == 'n':
-		return e.literal("null", 0xc0)
-	case c == '-' || (c >= '0' && c <= '9'):
-		return e.number()
 	}
-	return e.fail("unexpected character")
+	return buf.Bytes(), nil
 }
 
-func (e *jsonToMsgpack) literal(word string, code byte) error {
-	if !bytes.HasPrefix(e.in[e.pos:], []byte(word)) {
-		return e.fail("bad literal")
-	}
-	e.pos += len(word)
-	e.out = append(e.out, code)
-	return nil
-}
-
-// container encodes an object or an array: the members go after a 5-byte header that is
-// shrunk to its smallest form once the count is known.
-func (e *jsonToMsgpack) container(depth int, end byte, object bool) error {
-	e.pos++ // { or [
-	head := len(e.out)
-	e.out = append(e.out, 0, 0, 0, 0, 0)
-	n := 0
-	e.skipSpace()
-	if e.pos < len(e.in) && e.in[e.pos] == end {
-		e.pos++
-	} else {
-		for {
-			e.skipSpace()
-			if object {
-				if e.pos >= len(e.in) || e.in[e.pos] != '"' {
-					return e.fail("expected a member name")
-				}
-				key, err := e.string()
-				if err != nil {
-					return err
-				}
-				e.out = appendMsgpackStr(e.out, key)
-				e.skipSpace()
-				if e.pos >= len(e.in) || e.in[e.pos] != ':' {
-					return e.fail("expected ':'")
-				}
-				e.pos++
-				e.skipSpace()
+// jsonTokens reads exactly one JSON value. counts[i] is, for a token that opens a container,
+// how many tokens sit directly inside it (an object's names included).
+func jsonTokens(msg []byte) ([]json.Token, []int, error) {
+	d := json.NewDecoder(bytes.NewReader(msg))
+	d.UseNumber()
+	var toks []json.Token
+	var counts []int
+	var open []int // indexes of the containers not yet closed
+	for {
+		t, err := d.Token()
+		if err == io.EOF {
+			if len(toks) == 0 || len(open) > 0 {
+				return nil, nil, errors.New("sidecar: invalid JSON: unexpected end")
 			}
-			if err := e.value(depth + 1); err != nil {
-				return err
-			}
-			n++
-			e.skipSpace()
-			if e.pos >= len(e.in) {
-				return e.fail("unexpected end")
-			}
-			if e.in[e.pos] == ',' {
-				e.pos++
-				continue
-			}
-			if e.in[e.pos] != end {
-				return e.fail("expected ',' or the end of a container")
-			}
-			e.pos++
-			break
+			return toks, counts, nil
 		}
-	}
-	var hdr []byte
-	switch {
-	case n < 16 && object:
-		hdr = []byte{0x80 | byte(n)}
-	case n < 16:
-		hdr = []byte{0x90 | byte(n)}
-	case n < 1<<16 && object:
-		hdr = []byte{0xde, byte(n >> 8), byte(n)}
-	case n < 1<<16:
-		hdr = []byte{0xdc, byte(n >> 8), byte(n)}
-	case object:
-		hdr = []byte{0xdf, byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)}
-	default:
-		hdr = []byte{0xdd, byte(n >> 24), byte(n >> 16), byte(n >> 8), byte(n)}
-	}
-	copy(e.out[head:], hdr)
-	if gap := 5 - len(hdr); gap > 0 {
-		copy(e.out[head+len(hdr):], e.out[head+5:])
-		e.out = e.out[:len(e.out)-gap]
-	}
-	return nil
-}
-
-// string reads a JSON string; the result is valid until the next call.
-func (e *jsonToMsgpack) string() ([]byte, error) {
-	e.pos++ // "
-	start := e.pos
-	for e.pos < len(e.in) {
-		c := e.in[e.pos]
-		if c == '"' {
-			s := e.in[start:e.pos]
-			e.pos++
-			if !utf8.Valid(s) {
-				e.str = appendValidUTF8(e.str[:0], s)
-				return e.str, nil
-			}
-			return s, nil
+		if err != nil {
+			return nil, nil, fmt.Errorf("sidecar: invalid JSON: %w", err)
 		}
-		if c == '\\' {
-			return e.escapedString(start)
+		if len(toks) > 0 && len(open) == 0 {
+			return nil, nil, errors.New("sidecar: invalid JSON: more than one value in a message")
 		}
-		if c < 0x20 {
-			return nil, e.fail("control character in a string")
+		if n, ok := t.(json.Number); ok && !numberFits(string(n)) {
+			return nil, nil, fmt.Errorf("sidecar: JSON number %.40s is out of range for MessagePack", n)
 		}
-		e.pos++
-	}
-	return nil, e.fail("unterminated string")
-}
-
-func (e *jsonToMsgpack) escapedString(start int) ([]byte, error) {
-	e.str = append(e.str[:0], e.in[start:e.pos]...)
-	for e.pos < len(e.in) {
-		c := e.in[e.pos]
+		delim, isDelim := t.(json.Delim)
+		closing := isDelim && (delim == '}' || delim == ']')
+		if !closing && len(open) > 0 {
+			counts[open[len(open)-1]]++
+		}
+		toks = append(toks, t)
+		counts = append(counts, 0)
 		switch {
-		case c == '"':
-			e.pos++
-			if !utf8.Valid(e.str) {
-				e.str = appendValidUTF8(nil, e.str)
+		case closing:
+			open = open[:len(open)-1]
+		case isDelim:
+			if len(open) == maxNesting {
+				return nil, nil, errTooDeep
 			}
-			return e.str, nil
-		case c < 0x20:
-			return nil, e.fail("control character in a string")
-		case c != '\\':
-			e.str = append(e.str, c)
-			e.pos++
-			continue
-		}
-		if e.pos+1 >= len(e.in) {
-			break
-		}
-		esc := e.in[e.pos+1]
-		e.pos += 2
-		switch esc {
-		case '"', '\\', '/':
-			e.str = append(e.str, esc)
-		case 'b':
-			e.str = append(e.str, '\b')
-		case 'f':
-			e.str = append(e.str, '\f')
-		case 'n':
-			e.str = append(e.str, '\n')
-		case 'r':
-			e.str = append(e.str, '\r')
-		case 't':
-			e.str = append(e.str, '\t')
-		case 'u':
-			r, ok := e.hex4()
-			if !ok {
-				return nil, e.fail("bad \\u escape")
-			}
-			if utf16.IsSurrogate(r) {
-				// A pair makes one rune; a lone half is U+FFFD, as encoding/json has it.
-				r2 := rune(-1)
-				if e.pos+1 < len(e.in) && e.in[e.pos] == '\\' && e.in[e.pos+1] == 'u' {
-					save := e.pos
-					e.pos += 2
-					var ok2 bool
-					if r2, ok2 = e.hex4(); !ok2 {
-						return nil, e.fail("bad \\u escape")
-					}
-					if dec := utf16.DecodeRune(r, r2); dec != utf8.RuneError {
-						e.str = utf8.AppendRune(e.str, dec)
-						continue
-					}
-					e.pos = save
-				}
-				r = utf8.RuneError
-			}
-			e.str = utf8.AppendRune(e.str, r)
-		default:
-			return nil, e.fail("bad escape")
+			open = append(open, len(toks)-1)
 		}
 	}
-	return nil, e.fail("unterminated string")
 }
 
-func (e *jsonToMsgpack) hex4() (rune, bool) {
-	if e.pos+4 > len(e.in) {
-		return 0, false
-	}
-	var r rune
-	for _, c := range e.in[e.pos : e.pos+4] {
-		switch {
-		case c >= '0' && c <= '9':
-			r = r<<4 | rune(c-'0')
-		case c >= 'a' && c <= 'f':
-			r = r<<4 | rune(c-'a'+10)
-		case c >= 'A' && c <= 'F':
-			r = r<<4 | rune(c-'A'+10)
-		default:
-			return 0, false
+// numberFits reports whether a JSON number survives as a MessagePack integer or float64.
+func numberFits(lit string) bool {
+	if isIntegerLiteral(lit) {
+		if _, err := strconv.ParseInt(lit, 10, 64); err == nil {
+			return true
+		}
+		if _, err := strconv.ParseUint(lit, 10, 64); err == nil {
+			return true
 		}
 	}
-	e.pos += 4
-	return r, true
+	_, err := strconv.ParseFloat(lit, 64)
+	return err == nil
 }
 
-// number encodes a JSON number: an integer literal as the smallest MessagePack integer that
-// holds it, anything else (or an integer too large) as float64.
-func (e *jsonToMsgpack) number() error {
-	start := e.pos
-	if e.in[e.pos] == '-' {
-		e.pos++
-	}
-	digits := func() int {
-		n := 0
-		for e.pos < len(e.in) && e.in[e.pos] >= '0' && e.in[e.pos] <= '9' {
-			e.pos++
-			n++
-		}
-		return n
-	}
-	intStart := e.pos
-	if digits() == 0 || (e.in[intStart] == '0' && e.pos-intStart > 1) {
-		return e.fail("bad number")
-	}
-	integer := true
-	if e.pos < len(e.in) && e.in[e.pos] == '.' {
-		integer = false
-		e.pos++
-		if digits() == 0 {
-			return e.fail("bad number")
-		}
-	}
-	if e.pos < len(e.in) && (e.in[e.pos] == 'e' || e.in[e.pos] == 'E') {
-		integer = false
-		e.pos++
-		if e.pos < len(e.in) && (e.in[e.pos] == '+' || e.in[e.pos] == '-') {
-			e.pos++
-		}
-		if digits() == 0 {
-			return e.fail("bad number")
-		}
-	}
-	lit := string(e.in[start:e.pos])
-	if integer {
+// encodeNumber writes an integer literal as an integer when int64 or uint64 holds it (so -0
+// is 0: MessagePack has no negative zero integer), anything else as float64.
+func encodeNumber(enc *msgpack.Encoder, lit string) error {
+	if isIntegerLiteral(lit) {
 		if i, err := strconv.ParseInt(lit, 10, 64); err == nil {
-			e.out = appendMsgpackInt(e.out, i)
-			return nil
+			return enc.EncodeInt(i)
 		}
 		if u, err := strconv.ParseUint(lit, 10, 64); err == nil {
-			e.out = append(e.out, 0xcf, byte(u>>56), byte(u>>48), byte(u>>40), byte(u>>32), byte(u>>24), byte(u>>16), byte(u>>8), byte(u))
-			return nil
+			return enc.EncodeUint(u)
 		}
 	}
 	f, err := strconv.ParseFloat(lit, 64)
 	if err != nil {
-		return e.fail("number out of range")
+		return err
 	}
-	b := math.Float64bits(f)
-	e.out = append(e.out, 0xcb, byte(b>>56), byte(b>>48), byte(b>>40), byte(b>>32), byte(b>>24), byte(b>>16), byte(b>>8), byte(b))
-	return nil
-}
-
-// appendValidUTF8 appends s with each byte that is not part of a UTF-8 sequence replaced by
-// U+FFFD, as encoding/json does.
-func appendValidUTF8(out, s []byte) []byte {
-	for len(s) > 0 {
-		r, size := utf8.DecodeRune(s)
-		if r == utf8.RuneError && size == 1 {
-			out = utf8.AppendRune(out, utf8.RuneError)
-		} else {
-			out = append(out, s[:size]...)
-		}
-		s = s[size:]
-	}
-	return out
-}
-
-func appendMsgpackInt(out []byte, i int64) []byte {
-	switch {
-	case i >= 0 && i <= 0x7f:
-		return append(out, byte(i))
-	case i < 0 && i >= -32:
-		return append(out, byte(i))
-	case i >= 0 && i <= math.MaxUint8:
-		return append(out, 0xcc, byte(i))
-	case i >= 0 && i <= math.MaxUint16:
-		return append(out, 0xcd, byte(i>>8), byte(i))
-	case i >= 0 && i <= math.MaxUint32:
-		return append(out, 0xce, byte(i>>24), byte(i>>16), byte(i>>8), byte(i))
-	case i >= 0:
-		return append(out, 0xcf, byte(i>>56), byte(i>>48), byte(i>>40), byte(i>>32), byte(i>>24), byte(i>>16), byte(i>>8), byte(i))
-	case i >= math.MinInt8:
-		return append(out, 0xd0, byte(i))
-	case i >= math.MinInt16:
-		return append(out, 0xd1, byte(i>>8), byte(i))
-	case i >= math.MinInt32:
-		return append(out, 0xd2, byte(i>>24), byte(i>>16), byte(i>>8), byte(i))
-	}
-	return append(out, 0xd3, byte(i>>56), byte(i>>48), byte(i>>40), byte(i>>32), byte(i>>24), byte(i>>16), byte(i>>8), byte(i))
-}
-
-func appendMsgpackStr(out []byte, s []byte) []byte {
-	n := len(s)
-	switch {
-	case n < 32:
-		out = append(out, 0xa0|byte(n))
-	case n <= math.MaxUint8:
-		out = append(out, 0xd9, byte(n))
-	case n <= math.MaxUint16:
-		out = append(out, 0xda, byte(n>>8), byte(n))
-	default:
-		out = append(out, 0xdb, byte(n>>24), byte(n>>16), byte(n>>8), byte(n))
-	}
-	return append(out, s...)
+	return enc.EncodeFloat64(f)
 }
 
 // isIntegerLiteral reports whether a JSON number has neither a fraction nor an exponent.
 func isIntegerLiteral(s string) bool {
-	for i := 0; i < len(s); i++ {
-		switch s[i] {
-		case '.', 'e', 'E':
-			return false
-		}
-	}
-	return true
+	return !strings.ContainsAny(s, ".eE")
 }
 
 // ---- MessagePack to JSON ----
