@@ -5,8 +5,8 @@ token it gets (text, stop strings, chunks), up to its one response. Where the to
 import logging
 import time
 
-from . import prompts, sampling
-from .errors import CONTEXT_LENGTH_EXCEEDED, INVALID_PARAMS, RpcError, model_not_found
+from . import constraints, prompts, sampling
+from .errors import CONTEXT_LENGTH_EXCEEDED, GENERATION_FAILED, INVALID_PARAMS, RpcError, model_not_found
 from .stops import StopText
 from .writer import ChunkBuffer
 
@@ -33,6 +33,7 @@ class Generation:
         self.stops = StopText(_stop_list(params.get("stop")))
         self.detok = None
         self.done = False
+        self.constraint = None          # response_format's logits processor (constraints.py)
 
     # ---- engine thread ----
     def prepare(self, models: dict) -> None:
@@ -54,12 +55,17 @@ class Generation:
                 raise RpcError(CONTEXT_LENGTH_EXCEEDED, f"the prompt has {len(ids)} tokens but model {loaded.id!r} has a context of {ctx}; shorten the prompt",
                                prompt_tokens=len(ids), context_length=ctx)
             max_tokens = min(max_tokens, ctx - len(ids))
-        sampling.check_token_ids(params, loaded.config.get("vocab_size") or (loaded.config.get("text_config") or {}).get("vocab_size"))
+        vocab_size = loaded.config.get("vocab_size") or (loaded.config.get("text_config") or {}).get("vocab_size")
+        sampling.check_against_model(params, vocab_size)
         self.prompt_ids = ids
         self.max_tokens = max_tokens
         self.stop_ids = frozenset(loaded.tokenizer.eos_token_ids) | frozenset(params.get("stop_token_ids") or ())
-        self.sampler = sampling.make_sampler(params)
+        self.sampler = sampling.make_sampler(params, vocab_size)
         self.processors = sampling.make_logits_processors(params)
+        if params.get("response_format"):
+            # The format's mask runs last, after any bias or penalty.
+            self.constraint = constraints.start(loaded, params["response_format"], self.stop_ids)
+            self.processors = list(self.processors) + [self.constraint]
         if self.stream:
             opts = params.get("stream_options") or {}
             self.buf = ChunkBuffer(self.req.id, opts.get("chunk_tokens", loaded.info["chunk_tokens"]),
@@ -87,6 +93,13 @@ class Generation:
         if self.stops.stopped:
             self.finish("stop")
             return True
+        if self.constraint is not None:
+            if self.constraint.note(token):
+                self.finish("stop")  # the format is complete: only an end token could follow
+                return True
+            if self.constraint.failed:
+                self.finish_error(RpcError(GENERATION_FAILED, f"response_format broke: {self.constraint.failed.splitlines()[0]}"))
+                return True
         if self.completion >= self.max_tokens:
             self.finish("length")
             return True
@@ -128,6 +141,8 @@ class Generation:
             },
             "model": self.model_id,
         }
+        if self.constraint is not None:
+            result.update(self.constraint.result(result["text"], reason, self.stops.stopped))
         self.done = True
         self.req.respond(result, self.buf)
 

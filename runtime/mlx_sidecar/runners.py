@@ -11,6 +11,7 @@ import collections
 import logging
 
 from .errors import CANCELLED, GENERATION_FAILED, RpcError
+from .sampling import heal_random_state
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ class ModelRunner:
             return self._end_solo(cancelled_error())
         except Exception as e:
             log.exception("generation failed")
+            heal_random_state()
             return self._end_solo(RpcError(GENERATION_FAILED, f"generation failed: {type(e).__name__}: {e}"))
         if gen.on_token(token):
             self._end_solo()
@@ -149,8 +151,9 @@ class ModelRunner:
         self.solo = self._solo_tokens = self._solo_cache = None
         if error is not None:
             gen.finish_error(error)
-        # Keep the prompt's part of the KV cache for later prompts that share its prefix.
-        if cache is not None and can_trim_prompt_cache(cache):
+        # Keep the prompt's part of the KV cache for later prompts that share its prefix (not after a
+        # failure: the cache may be half-written).
+        if (error is None or error.code == CANCELLED) and cache is not None and can_trim_prompt_cache(cache):
             extra = cache[0].offset - len(gen.prompt_ids)
             if extra >= 0:
                 trim_prompt_cache(cache, extra)
@@ -169,6 +172,9 @@ class ModelRunner:
         trim_prompt_cache(cache, 1)
         if hasattr(gen.sampler, "rewind"):
             gen.sampler.rewind()
+        for processor in gen.processors:
+            if hasattr(processor, "rewind"):  # stateful ones (response_format) take the call back too
+                processor.rewind()
         self._insert(gen, [gen.tokens[-1]], cache, gen.prompt_ids + gen.tokens[:-1], gen.max_tokens - gen.completion)
 
     # ---- the batch ----
@@ -199,6 +205,7 @@ class ModelRunner:
             _, responses = self.generator.next()
         except Exception as e:
             log.exception("batched generation failed")
+            heal_random_state()
             for gen in self.active.values():
                 gen.finish_error(RpcError(GENERATION_FAILED, f"generation failed: {type(e).__name__}: {e}"))
             self.active.clear()

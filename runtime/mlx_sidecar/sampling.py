@@ -7,10 +7,15 @@ from .errors import INVALID_PARAMS, RpcError
 DEFAULT_TEMPERATURE = 1.0
 
 
-def check_token_ids(params: dict, vocab_size: int | None) -> None:
-    """Token ids in logit_bias and stop_token_ids must exist in the model's vocabulary."""
+def check_against_model(params: dict, vocab_size: int | None) -> None:
+    """What only the model can check: top_k and token ids in logit_bias and stop_token_ids must fit
+    its vocabulary. Checked before any compute: a bad value must never reach mlx's compiled samplers."""
     if not vocab_size:
         return
+    top_k = params.get("top_k", 0)
+    if top_k > vocab_size:
+        raise RpcError(INVALID_PARAMS, f"top_k is {top_k}, but the model's vocabulary has {vocab_size} tokens; use 1..{vocab_size}, or 0 to turn it off",
+                       path="/top_k")
     for key in params.get("logit_bias") or {}:
         if int(key) >= vocab_size:
             raise RpcError(INVALID_PARAMS, f"logit_bias names token {key}, but the model's vocabulary has {vocab_size} tokens (0..{vocab_size - 1})", path=f"/logit_bias/{key}")
@@ -19,9 +24,12 @@ def check_token_ids(params: dict, vocab_size: int | None) -> None:
             raise RpcError(INVALID_PARAMS, f"stop_token_ids names token {t}, but the model's vocabulary has {vocab_size} tokens", path=f"/stop_token_ids/{i}")
 
 
-def _settings(params: dict):
-    return (params.get("temperature", DEFAULT_TEMPERATURE), params.get("top_p", 1.0),
-            params.get("min_p", 0.0), params.get("top_k", 0))
+def _settings(params: dict, vocab_size: int | None = None):
+    top_k = int(params.get("top_k", 0))
+    if vocab_size and top_k >= vocab_size:
+        top_k = 0  # keeping every token is no filter at all (mlx-lm refuses top_k == vocab)
+    return (float(params.get("temperature", DEFAULT_TEMPERATURE)), float(params.get("top_p", 1.0)),
+            float(params.get("min_p", 0.0)), top_k)
 
 
 @lru_cache(maxsize=64)
@@ -32,11 +40,11 @@ def _shared(temp, top_p, min_p, top_k):
     return mlx_make_sampler(temp=temp, top_p=top_p, min_p=min_p, top_k=top_k)
 
 
-def make_sampler(params: dict):
-    temp, top_p, min_p, top_k = _settings(params)
+def make_sampler(params: dict, vocab_size: int | None = None):
+    temp, top_p, min_p, top_k = _settings(params, vocab_size)
     if "seed" not in params or temp == 0:
         return _shared(temp, top_p, min_p, top_k)
-    return _seeded(params["seed"], temp, top_p, min_p, top_k)
+    return _seeded(int(params["seed"]), temp, top_p, min_p, top_k)
 
 
 def _seeded(seed: int, temp, top_p, min_p, top_k):
@@ -82,9 +90,24 @@ def make_logits_processors(params: dict) -> list:
 
     bias = params.get("logit_bias")
     penalty = params.get("repetition_penalty")
+    presence = params.get("presence_penalty")
+    frequency = params.get("frequency_penalty")
     return mlx_make_processors(
         logit_bias={int(k): float(v) for k, v in bias.items()} if bias else None,
-        repetition_penalty=None if penalty in (None, 1, 1.0) else penalty,
-        presence_penalty=params.get("presence_penalty") or None,
-        frequency_penalty=params.get("frequency_penalty") or None,
+        repetition_penalty=None if penalty in (None, 1, 1.0) else float(penalty),
+        presence_penalty=float(presence) if presence else None,
+        frequency_penalty=float(frequency) if frequency else None,
     )
+
+
+def heal_random_state() -> None:
+    """mlx's compiled samplers swap mx.random.state for a tracer while they trace; an exception
+    there leaves the tracer behind and every later sample fails. Reseed if that happened."""
+    import os
+
+    import mlx.core as mx
+
+    try:
+        mx.eval(mx.random.uniform(shape=(1,)))
+    except Exception:
+        mx.random.seed(int.from_bytes(os.urandom(4), "little"))

@@ -1,6 +1,7 @@
 """The protocol spec as data: loads protocol/ and validates params against its JSON Schemas."""
 
 import json
+import math
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,12 +33,56 @@ def _registry():
     return Registry().with_resources(resources)
 
 
+MAX_DEPTH = 100  # nesting of arrays/objects in params; deeper is refused before schema checks
+
+
+@lru_cache(maxsize=1)
+def _strict_validator_class():
+    """Draft 2020-12 with stricter types: an integer must be written as one (1.0 is not), and a
+    number must be finite (MessagePack can carry NaN and infinities; JSON Schema alone lets them in)."""
+    from jsonschema import Draft202012Validator, validators
+
+    def is_integer(_, v):
+        return type(v) is int
+
+    def is_number(_, v):
+        return type(v) is int or (type(v) is float and math.isfinite(v))
+
+    checker = Draft202012Validator.TYPE_CHECKER.redefine_many({"integer": is_integer, "number": is_number})
+    return validators.extend(Draft202012Validator, type_checker=checker)
+
+
 @lru_cache(maxsize=None)
 def _validator(schema_file: str):
-    from jsonschema import Draft202012Validator
-
     schema = json.loads((protocol_dir() / schema_file).read_text())
-    return Draft202012Validator(schema, registry=_registry())
+    return _strict_validator_class()(schema, registry=_registry())
+
+
+def check_shape(value) -> None:
+    """Refuse what no schema should have to see: nesting deeper than MAX_DEPTH, non-finite
+    numbers and non-string object keys, anywhere. Iterative, so no input can overflow the stack."""
+    stack = [(value, 0, ())]
+    while stack:
+        v, depth, path = stack.pop()
+        if type(v) is float:
+            if not math.isfinite(v):
+                raise RpcError(INVALID_PARAMS, f"{_pointer(path) or 'params'}: {v} is not a finite number; send a finite value",
+                               path=_pointer(path))
+            continue
+        if isinstance(v, dict):
+            items = v.items()
+        elif isinstance(v, list):
+            items = enumerate(v)
+        else:
+            continue
+        if depth >= MAX_DEPTH:
+            raise RpcError(INVALID_PARAMS, f"params are nested more than {MAX_DEPTH} levels deep at {_pointer(path) or '/'}; flatten them",
+                           path=_pointer(path))
+        for k, item in items:
+            if isinstance(v, dict) and type(k) is not str:
+                raise RpcError(INVALID_PARAMS, f"{_pointer(path) or 'params'} has a key of type {type(k).__name__}; object keys must be strings",
+                               path=_pointer(path))
+            stack.append((item, depth + 1, path + (k,)))
 
 
 @lru_cache(maxsize=None)
@@ -61,6 +106,7 @@ def validate(method: str, part: str, value) -> None:
     file = schema_file(method, part)
     if file is None or (not value and _empty_ok(file)):
         return
+    check_shape(value)
     validator = _validator(file)
     from jsonschema.exceptions import best_match
 
@@ -77,6 +123,8 @@ def _pointer(parts) -> str:
 def _describe(error, root) -> tuple[str, str]:
     """A JSON Pointer and a message that says what to change."""
     parts = list(error.absolute_path)
+    if "propertyNames" in error.absolute_schema_path and isinstance(error.instance, str):
+        parts.append(error.instance)  # a bad key: point at the key itself
     where = _pointer(parts)
     v = error.validator
     if v == "required":
@@ -97,4 +145,7 @@ def _describe(error, root) -> tuple[str, str]:
         path = list(error.schema_path)
         first = path[path.index("dependentSchemas") + 1] if "dependentSchemas" in path else "?"
         return _pointer(parts + [other]), f"give {first} or {other}, not both"
-    return where or "", f"{where or 'params'}: {error.message}"
+    message = error.message
+    if len(message) > 300:  # jsonschema quotes the whole offending value
+        message = message[:300] + "…"
+    return where or "", f"{where or 'params'}: {message}"

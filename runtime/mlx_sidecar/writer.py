@@ -14,6 +14,7 @@ import time
 log = logging.getLogger(__name__)
 
 _monotonic = time.monotonic
+MAX_WAIT = 3600.0  # the longest the writer sleeps on a timer; deadlines past it fire at once
 
 
 class ChunkBuffer:
@@ -107,14 +108,43 @@ class Writer:
 
     # ---- the writer thread ----
     def _run(self):
-        timers: list = []  # (deadline, seq, buf)
-        seq = 0
-        out: list[bytes] = []
-        encode = self._encode
+        # The writer must outlive any one bad message: a failure is logged and the loop goes on.
+        self._timers: list = []  # (deadline, seq, buf)
+        self._seq = 0
+        while True:
+            try:
+                self._loop()
+            except Exception:
+                log.exception("writer: unexpected failure; continuing")
+
+    def _encode_safely(self, message) -> bytes | None:
+        """Encode one message; one that cannot be encoded becomes an error answer for its id."""
+        try:
+            return self._encode(message)
+        except Exception as e:
+            log.exception("writer: could not encode a message")
+            if isinstance(message, dict) and "id" in message:
+                from .errors import internal
+
+                try:
+                    return self._encode({"jsonrpc": "2.0", "id": message["id"], "error": internal("encoding the answer", e).to_dict()})
+                except Exception:
+                    pass
+            return None
+
+    def _chunk(self, buf: ChunkBuffer) -> bytes | None:
+        params = buf.take()
+        if params is None:
+            return None
+        return self._encode_safely({"jsonrpc": "2.0", "method": "generate/chunk", "params": params})
+
+    def _loop(self):
+        timers = self._timers
+        out: list = []
         while True:
             timeout = None
             if timers:
-                timeout = max(0.0, timers[0][0] - _monotonic())
+                timeout = min(max(0.0, timers[0][0] - _monotonic()), MAX_WAIT)
             try:
                 item = self._q.get(timeout=timeout)
             except queue.Empty:
@@ -123,23 +153,22 @@ class Writer:
             while item is not None:
                 kind = item[0]
                 if kind == "msg":
-                    out.append(encode(item[1]))
+                    out.append(self._encode_safely(item[1]))
                 elif kind == "flush":
-                    params = item[1].take()
-                    if params is not None:
-                        out.append(encode({"jsonrpc": "2.0", "method": "generate/chunk", "params": params}))
+                    out.append(self._chunk(item[1]))
                 elif kind == "timer":
-                    seq += 1
-                    heapq.heappush(timers, (item[2], seq, item[1]))
+                    deadline = item[2]
+                    if not deadline <= _monotonic() + MAX_WAIT:  # NaN or absurd: send at once
+                        deadline = _monotonic()
+                    self._seq += 1
+                    heapq.heappush(timers, (deadline, self._seq, item[1]))
                 elif kind == "finish":
                     buf = item[1]
                     if buf is not None:
-                        params = buf.take()
+                        out.append(self._chunk(buf))
                         buf.closed = True
-                        if params is not None:
-                            out.append(encode({"jsonrpc": "2.0", "method": "generate/chunk", "params": params}))
                     if item[2] is not None:
-                        out.append(encode(item[2]))
+                        out.append(self._encode_safely(item[2]))
                 elif kind == "mark":
                     marks.append(item[1])
                 # Coalesce whatever else is already queued into one write.
@@ -155,12 +184,11 @@ class Writer:
                 with buf.lock:
                     due = buf.timer_set and buf.since + buf.max_latency <= now + 0.0005
                 if due:
-                    params = buf.take()
-                    if params is not None:
-                        out.append(encode({"jsonrpc": "2.0", "method": "generate/chunk", "params": params}))
-            if out:
-                self._write(b"".join(out) if len(out) > 1 else out[0])
-                out.clear()
+                    out.append(self._chunk(buf))
+            frames = [f for f in out if f is not None]
+            out.clear()
+            if frames:
+                self._write(b"".join(frames) if len(frames) > 1 else frames[0])
             for m in marks:
                 m.set()
 
