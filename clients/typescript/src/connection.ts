@@ -16,14 +16,23 @@ interface Pending {
   resolve(value: unknown): void;
   reject(error: Error): void;
   cleanup?: () => void;
+  onInterrupt?: ((reason: Error) => void) | undefined;
 }
 
 type ChunkListener = (chunk: GenerateChunkParams) => void;
+
+export interface CallHooks {
+  /** Receives the call's generate/chunk notifications. */
+  onChunk?: ChunkListener;
+  /** Told when interrupt() cancels the call (before $/cancelRequest goes out). */
+  onInterrupt?: (reason: Error) => void;
+}
 
 export class Connection {
   private readonly pending = new Map<RequestId, Pending>();
   private readonly chunkListeners = new Map<RequestId, ChunkListener>();
   private failure: Error | undefined;
+  private readonly settleListeners = new Set<() => void>();
 
   constructor(
     readonly transport: Transport,
@@ -36,14 +45,14 @@ export class Connection {
     return this.pending.size;
   }
 
-  /** Sends a request; `onChunk` receives its generate/chunk notifications. */
-  call(method: string, params: unknown, onChunk?: ChunkListener): { id: RequestId; response: Promise<unknown> } {
+  /** Sends a request; `hooks.onChunk` receives its generate/chunk notifications. */
+  call(method: string, params: unknown, hooks: CallHooks = {}): { id: RequestId; response: Promise<unknown> } {
     const id = this.nextId();
     if (this.failure) return { id, response: Promise.reject(this.failure) };
     const response = new Promise<unknown>((resolve, reject) => {
-      this.pending.set(id, { method, resolve, reject });
+      this.pending.set(id, { method, resolve, reject, onInterrupt: hooks.onInterrupt });
     });
-    if (onChunk) this.chunkListeners.set(id, onChunk);
+    if (hooks.onChunk) this.chunkListeners.set(id, hooks.onChunk);
     this.transport.send(params === undefined ? { jsonrpc: "2.0", id, method } : { jsonrpc: "2.0", id, method, params });
     return { id, response };
   }
@@ -84,6 +93,31 @@ export class Connection {
     if (!entry) return;
     this.cancel(id);
     entry.reject(error);
+  }
+
+  /** Cancels every pending call of `method` on the runtime (their answers still come); returns their ids. */
+  interrupt(method: string, reason: Error): RequestId[] {
+    const ids: RequestId[] = [];
+    for (const [id, entry] of this.pending) {
+      if (entry.method !== method) continue;
+      ids.push(id);
+      entry.onInterrupt?.(reason);
+      this.cancel(id);
+    }
+    return ids;
+  }
+
+  /** Resolves once none of `ids` is pending any more. */
+  whenSettled(ids: RequestId[]): Promise<void> {
+    return new Promise((resolve) => {
+      const check = () => {
+        if (ids.some((id) => this.pending.has(id))) return;
+        this.settleListeners.delete(check);
+        resolve();
+      };
+      this.settleListeners.add(check);
+      check();
+    });
   }
 
   /** Rejects every pending call with `error` and refuses new ones (the process is gone). */
@@ -134,6 +168,8 @@ export class Connection {
     this.pending.delete(id);
     this.chunkListeners.delete(id);
     entry.cleanup?.();
+    // Run after the caller settled the entry, so listeners see the call as done.
+    if (this.settleListeners.size) queueMicrotask(() => this.settleListeners.forEach((check) => check()));
     return entry;
   }
 }

@@ -71,6 +71,15 @@ export class AbortError extends Error {
   }
 }
 
+/**
+ * A stream's consumer took no chunk for stallTimeoutMs while its buffer was full and so held the
+ * runtime's stdout (every other call's answers waited behind it). The client cancelled the
+ * generation; `text` is all the text generated, also of chunks that were dropped unread.
+ */
+export class StreamStalledError extends AbortError {
+  override name = "StreamStalledError";
+}
+
 /** No answer came within the call's timeoutMs; the request was cancelled on the runtime. */
 export class TimeoutError extends Error {
   override name = "TimeoutError";

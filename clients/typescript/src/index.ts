@@ -6,7 +6,7 @@ export { GenerateStream } from "./generate.js";
 export type { GenerateChunk } from "./generate.js";
 export type { CallOptions } from "./connection.js";
 export type { Transport, MessageListener } from "./transport.js";
-export { RpcError, ProcessExitError, StartError, AbortError, TimeoutError, ClosedError } from "./errors.js";
+export { RpcError, ProcessExitError, StartError, AbortError, StreamStalledError, TimeoutError, ClosedError } from "./errors.js";
 export type { ExitInfo } from "./errors.js";
 export { defaultCommand } from "./process.js";
 export * from "./protocol.js";

@@ -3,6 +3,7 @@
 import { EventEmitter } from "node:events";
 import { readFileSync } from "node:fs";
 import { Connection, type CallOptions } from "./connection.js";
+import { restartDelay } from "./backoff.js";
 import { AbortError, ClosedError, ProcessExitError, RpcError, StartError, TimeoutError, type ExitInfo } from "./errors.js";
 import { GenerateStream } from "./generate.js";
 import { defaultCommand, RuntimeProcess } from "./process.js";
@@ -26,10 +27,12 @@ export interface RestartOptions {
   maxCrashes?: number;
   /** The crash-counting window (default 180000 ms). */
   windowMs?: number;
-  /** Delay before the first restart; doubles per recent crash (default 250 ms). */
+  /** Delay before the first restart; doubles per crash since the runtime was last healthy (default 250 ms). Each delay is spread ±20% at random. */
   initialDelayMs?: number;
-  /** Longest delay between restarts (default 5000 ms). */
+  /** Longest delay between restarts before the ±20% spread (default 5000 ms). */
   maxDelayMs?: number;
+  /** A process that ran this long before it crashed was healthy: the delay starts again at initialDelayMs (default 30000 ms). */
+  healthyMs?: number;
 }
 
 export interface SidecarOptions {
@@ -46,10 +49,16 @@ export interface SidecarOptions {
   autoRestart?: boolean | RestartOptions;
   /** How long the runtime may take to answer initialize (default 60000 ms). */
   startTimeoutMs?: number;
-  /** How long close() waits for shutdown's answer, i.e. for in-flight calls (default 5000 ms). */
+  /** close(): how long cancelled generations get to answer, within shutdownTimeoutMs (default 2000 ms). */
+  cancelGraceMs?: number;
+  /** close(): the budget for the graceful part (cancel grace, shutdown's answer, the exit) before SIGTERM (default 5000 ms). */
   shutdownTimeoutMs?: number;
-  /** How long close() waits for the process to exit before each signal (default 2000 ms). */
+  /** close(): how long to wait after SIGTERM before SIGKILL (default 2000 ms). */
   killTimeoutMs?: number;
+  /** Chunks a generate stream buffers for its consumer at most; when full, stdout is not read (default 64). */
+  streamBufferChunks?: number;
+  /** A stream whose full buffer held stdout this long without its consumer taking a chunk is cancelled with StreamStalledError (default 30000 ms). */
+  stallTimeoutMs?: number;
   /** Sent in initialize's client_info. */
   clientInfo?: { name: string; version?: string };
 }
@@ -63,6 +72,10 @@ export interface RestartEvent {
   pid: number | undefined;
   /** Restarts so far in this client's life. */
   restarts: number;
+  /** Crashes since the runtime was last healthy (1 after a crash of a healthy process). */
+  attempt: number;
+  /** How long the client waited before this (successful) start. */
+  delayMs: number;
   /** Models loaded again on the new process. */
   models: ModelInfo[];
   /** Models that failed to load again; they are forgotten. */
@@ -99,6 +112,8 @@ interface Live {
   conn: Connection;
   init?: InitializeResult;
   stopping?: boolean;
+  /** When it started serving (Date.now()). */
+  readyAt?: number;
 }
 
 interface Waiter {
@@ -121,6 +136,7 @@ export class Sidecar extends EventEmitter {
   private waiters: Waiter[] = [];
   private readonly models = new Map<string, ModelLoadParams>();
   private crashes: number[] = [];
+  private streak = 0; // crashes since the runtime was last healthy
   private restarts = 0;
   private lastId = 0;
   private closing: Promise<void> | undefined;
@@ -140,7 +156,7 @@ export class Sidecar extends EventEmitter {
     this.options = options;
     const r = options.autoRestart;
     this.restart = r
-      ? { maxCrashes: 5, windowMs: 180_000, initialDelayMs: 250, maxDelayMs: 5000, ...(r === true ? {} : r) }
+      ? { maxCrashes: 5, windowMs: 180_000, initialDelayMs: 250, maxDelayMs: 5000, healthyMs: 30_000, ...(r === true ? {} : r) }
       : undefined;
   }
 
@@ -191,7 +207,10 @@ export class Sidecar extends EventEmitter {
 
   /** Starts a generation: iterate it for chunks, await `.result` for the final answer. */
   generate(params: GenerateParams, options: GenerateOptions = {}): GenerateStream {
-    const stream = new GenerateStream(options.signal);
+    const stream = new GenerateStream(options.signal, {
+      bufferChunks: Math.max(1, this.options.streamBufferChunks ?? 64),
+      stallTimeoutMs: this.options.stallTimeoutMs ?? 30_000,
+    });
     const live = this.readyLive();
     if (live) stream.start(live.conn, params);
     else {
@@ -203,7 +222,10 @@ export class Sidecar extends EventEmitter {
     return stream;
   }
 
-  /** shutdown, exit, close stdin, then SIGTERM and SIGKILL if needed. Safe to call many times. */
+  /**
+   * Refuses new calls, cancels in-flight generations (waits up to cancelGraceMs for their answers),
+   * then shutdown, exit, close stdin; SIGTERM and SIGKILL if needed. Safe to call many times.
+   */
   close(): Promise<void> {
     this.closing ??= this.doClose();
     return this.closing;
@@ -214,6 +236,7 @@ export class Sidecar extends EventEmitter {
   private async startFirst(): Promise<void> {
     try {
       this.live = await this.launch();
+      this.live.readyAt = Date.now();
       this.state = "ready";
     } catch (e) {
       this.state = "failed";
@@ -242,6 +265,8 @@ export class Sidecar extends EventEmitter {
       (error) => this.emit("warning", error),
     );
     conn = new Connection(transport, () => ++this.lastId, (method, params) => this.onNotification(method, params));
+    // Once the process is gone, read what it wrote whatever the streams' limits (a pipe's worth).
+    proc.child.once("exit", () => transport.drain());
     const live: Live = { proc, transport, conn };
     this.launching = live;
     void proc.exited.then((info) => this.onExit(live, info));
@@ -278,25 +303,27 @@ export class Sidecar extends EventEmitter {
     const what = `mlx-sidecar (pid ${info.pid}) exited ${describeExit(info)}`;
     const advice = expected ? "" : restarting ? "; it is being restarted" : "; start a new Sidecar (or pass autoRestart: true)";
     const error = new ProcessExitError(`${what}${advice}`, info);
-    live.conn.fail(error);
+    live.conn.fail(expected ? new ClosedError(`the mlx-sidecar client was closed before this call was answered; ${what}`) : error);
     this.emit("exit", { ...info, expected });
     if (!wasCurrent) return;
     this.live = undefined;
     if (this.state !== "ready") return;
-    if (restarting) void this.restartLoop(info);
+    if (restarting) void this.restartLoop(info, live.readyAt === undefined ? 0 : Date.now() - live.readyAt);
     else {
       this.state = "failed";
       this.failure = error;
     }
   }
 
-  private async restartLoop(lastExit: ExitInfo): Promise<void> {
+  private async restartLoop(lastExit: ExitInfo, uptimeMs: number): Promise<void> {
     const r = this.restart!;
     this.state = "restarting";
+    if (uptimeMs >= r.healthyMs) this.streak = 0;
     for (;;) {
       const now = Date.now();
       this.crashes = this.crashes.filter((t) => now - t < r.windowMs);
       this.crashes.push(now);
+      this.streak++;
       if (this.crashes.length >= r.maxCrashes) {
         const error = new ProcessExitError(
           `mlx-sidecar crashed ${this.crashes.length} times within ${r.windowMs / 1000} s; giving up on restarts. Read the stderr below, fix the cause, then start a new Sidecar.`,
@@ -307,7 +334,8 @@ export class Sidecar extends EventEmitter {
         this.settleWaiters(undefined, error);
         return;
       }
-      await this.sleep(Math.min(r.maxDelayMs, r.initialDelayMs * 2 ** (this.crashes.length - 1)));
+      const delayMs = Math.round(restartDelay(this.streak, r.initialDelayMs, r.maxDelayMs));
+      await this.sleep(delayMs);
       if (this.state !== "restarting") return;
       let live: Live | undefined;
       try {
@@ -316,10 +344,11 @@ export class Sidecar extends EventEmitter {
         if (this.state !== "restarting") return; // close() took over and stops this.launching
         this.launching = undefined;
         this.live = live;
+        live.readyAt = Date.now();
         this.state = "ready";
         this.restarts++;
         this.settleWaiters(live, undefined);
-        this.emit("restart", { pid: live.proc.pid, restarts: this.restarts, models, failed });
+        this.emit("restart", { pid: live.proc.pid, restarts: this.restarts, attempt: this.streak, delayMs, models, failed });
         return;
       } catch (e) {
         // launch() cleans up after itself; a process that died while re-loading models is killed here.
@@ -357,29 +386,34 @@ export class Sidecar extends EventEmitter {
     this.wakeSleep?.();
     const closed = new ClosedError("the mlx-sidecar client was closed while this call waited for the runtime");
     this.settleWaiters(undefined, closed);
+    const deadline = Date.now() + (this.options.shutdownTimeoutMs ?? 5000);
     const lives = [this.live, this.launching].filter((l): l is Live => !!l);
-    await Promise.all(lives.map((l) => this.stop(l, l === this.live)));
+    await Promise.all(lives.map((l) => this.stop(l, l === this.live, deadline)));
     this.live = undefined;
     this.launching = undefined;
     this.failure = new ClosedError();
     this.state = "closed";
   }
 
-  // shutdown (waits for in-flight calls), exit, close stdin; then SIGTERM and SIGKILL.
-  private async stop(live: Live, graceful: boolean): Promise<void> {
+  // Cancel generations, shutdown (waits for other in-flight calls), exit, close stdin, all by
+  // `deadline`; then SIGTERM and SIGKILL.
+  private async stop(live: Live, graceful: boolean, deadline: number): Promise<void> {
     const { proc, conn, transport } = live;
     const killMs = this.options.killTimeoutMs ?? 2000;
+    const left = () => Math.max(0, deadline - Date.now());
     live.stopping = true;
     if (graceful && proc.alive) {
+      const cancelled = conn.interrupt("generate", new ClosedError("the mlx-sidecar client is closing"));
+      if (cancelled.length) await waitUntil(conn.whenSettled(cancelled), Math.min(this.options.cancelGraceMs ?? 2000, left()));
       try {
-        await conn.request("shutdown", undefined, { timeoutMs: this.options.shutdownTimeoutMs ?? 5000 });
+        await conn.request("shutdown", undefined, { timeoutMs: Math.max(1, left()) });
       } catch {
         // Timed out, refused (already shutting down) or the process died: go on with exit.
       }
       conn.notify("exit");
     }
     transport.end();
-    if (await proc.waitExit(killMs)) return;
+    if (await proc.waitExit(left())) return;
     proc.kill("SIGTERM");
     if (await proc.waitExit(killMs)) return;
     proc.kill("SIGKILL");
@@ -476,6 +510,13 @@ export class Sidecar extends EventEmitter {
     }
     return env;
   }
+}
+
+// Resolves when p settles or after ms, whichever comes first.
+async function waitUntil(p: Promise<unknown>, ms: number): Promise<void> {
+  let timer: NodeJS.Timeout | undefined;
+  await Promise.race([p, new Promise<void>((resolve) => (timer = setTimeout(resolve, ms)))]);
+  clearTimeout(timer);
 }
 
 function describeExit(info: ExitInfo): string {
