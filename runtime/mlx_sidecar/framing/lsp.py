@@ -1,16 +1,22 @@
-"""LSP base protocol: `Content-Length: N\\r\\n\\r\\n` then N bytes of JSON."""
+"""LSP base protocol: `Content-Length: N\\r\\n\\r\\n` then N bytes of JSON.
+
+Resync policy: when a frame's extent cannot be trusted (no usable Content-Length, a header block
+over 8 KiB, a declared length over the frame limit), the reader drops input up to the next
+`Content-Length:` (any case) and reads a header from there. Frames abut, so no newline is needed
+before it. A bad header is searched from its second byte, so a valid header inside an oversized or
+malformed block is still found."""
 
 import re
 
 import orjson
 
-from ..errors import INVALID_REQUEST, PARSE_ERROR, RpcError
-from . import Frame
+from . import BaseReader, parse_error, too_large
 from .ndjson import decode
 
-_READ_SIZE = 1 << 16
-_MAX_HEADER_BYTES = 8192
-_CONTENT_LENGTH = re.compile(rb"(?i)content-length:")  # frames abut: no newline before it
+MAX_HEADER_BYTES = 8192
+_BLANK_LINE = re.compile(rb"\n\r?\n")          # ends a header block: CRLF CRLF, or bare LF LF
+_CONTENT_LENGTH = re.compile(rb"(?i)content-length:")
+_KEEP = len(b"content-length:") - 1             # a header name may be split across reads
 
 
 def encode(message) -> bytes:
@@ -18,115 +24,108 @@ def encode(message) -> bytes:
     return b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
 
 
-class Reader:
-    """Reads header blocks and bodies. A bad header block is answered and skipped; a body over
-    the size limit is skipped by its declared length and answered with frame_too_large."""
+class Reader(BaseReader):
+    """Reads header blocks and bodies. A malformed block with a usable length is answered and its
+    body skipped by that length; anything else bad is answered once and resynchronised."""
 
     def __init__(self, read, max_frame_bytes: int, initial: bytes = b""):
-        self._read = read
-        self._max = max_frame_bytes
-        self._buf = bytearray(initial)
-        self._eof = False
+        super().__init__(read, max_frame_bytes, initial)
+        self._scanned = 0         # header bytes already searched for the blank line
+        self._resync_from = None  # not None: drop input up to the next Content-Length at or after this
 
-    def _fill(self) -> bool:
-        data = self._read(_READ_SIZE)
-        if not data:
-            self._eof = True
-            return False
-        self._buf += data
-        return True
-
-    def _header_block(self):
-        """The next header block's bytes (without the blank line), or None at EOF."""
+    def _frames(self):
+        buf = self._buf
         while True:
-            end = self._buf.find(b"\r\n\r\n")
-            sep = 4
-            if end < 0:
-                # Be lenient with bare-\n clients.
-                end = self._buf.find(b"\n\n")
-                sep = 2
-            if end >= 0:
-                block = bytes(self._buf[:end])
-                del self._buf[: end + sep]
-                return block
-            if len(self._buf) > _MAX_HEADER_BYTES:
-                # No blank line in sight: drop what we have, keep looking for the next block.
-                self._buf.clear()
-                return b"\x00oversized"
-            if not self._fill():
-                return None
-
-    def __iter__(self):
-        while True:
-            block = self._header_block()
-            if block is None:
+            if self._resync_from is not None and not self._resync():
                 return
+            # The earliest blank line ends the header block; none within 8 KiB means a bad block.
+            m = _BLANK_LINE.search(buf, max(0, self._scanned - 2), MAX_HEADER_BYTES + 3)
+            if m is None:
+                if len(buf) >= MAX_HEADER_BYTES + 3:
+                    self._resync_from = 1
+                    yield parse_error(f"LSP header block longer than {MAX_HEADER_BYTES} bytes without a blank line; skipped to the next Content-Length")
+                    continue
+                self._scanned = len(buf)
+                if not self._fill():
+                    if buf.strip():
+                        buf.clear()
+                        yield parse_error("input ended inside an LSP header block")
+                    return
+                continue
+            self._scanned = 0
+            block = bytes(buf[: m.start()])
             if not block.strip():
+                del buf[: m.end()]  # blank lines between frames
                 continue
             length, problem = _parse_header(block)
-            if problem and length is None:
-                # No usable length, so the body (if any) cannot be skipped by size: drop bytes up
-                # to the next `Content-Length:`, where the next frame starts.
-                yield Frame(error=RpcError(PARSE_ERROR, f"parse error: bad LSP header ({problem})"))
-                if not self._resync():
-                    return
+            if length is None:
+                self._resync_from = 1
+                yield parse_error(f"bad LSP header ({problem}); skipped to the next Content-Length")
                 continue
-            too_large = problem is not None or length > self._max
-            # Collect (or, when too large, skip) exactly `length` bytes.
-            remaining = length
-            body = bytearray()
-            while remaining:
-                if not self._buf and not self._fill():
+            del buf[: m.end()]
+            if length > self._max:
+                # The body may never come: do not wait for it, resync at the next header instead.
+                self._resync_from = 0
+                yield too_large(self._max, f"frame of {length} bytes (declared by Content-Length)")
+                continue
+            while len(buf) < length:
+                if not self._fill():
+                    got = len(buf)
+                    buf.clear()
+                    yield parse_error(f"input ended {got} bytes into a {length}-byte LSP body")
                     return
-                take = min(remaining, len(self._buf))
-                if not too_large:
-                    body += self._buf[:take]
-                del self._buf[:take]
-                remaining -= take
+            body = bytes(buf[:length])
+            del buf[:length]
             if problem:
-                yield Frame(error=RpcError(PARSE_ERROR, f"parse error: bad LSP header ({problem}); its {length}-byte body was skipped"))
-                continue
-            if too_large:
-                yield Frame(error=RpcError(
-                    INVALID_REQUEST,
-                    f"frame of {length} bytes is larger than the limit of {self._max} bytes; it was skipped",
-                    type="frame_too_large", limit=self._max))
-                continue
-            yield decode(bytes(body))
-
+                yield parse_error(f"bad LSP header ({problem}); its {length}-byte body was skipped")
+            else:
+                yield decode(body)
 
     def _resync(self) -> bool:
         """Drop input up to the next `Content-Length:`; False at EOF."""
+        buf = self._buf
         while True:
-            m = _CONTENT_LENGTH.search(self._buf)
+            m = _CONTENT_LENGTH.search(buf, self._resync_from)
             if m:
-                del self._buf[: m.start()]
+                del buf[: m.start()]
+                self._resync_from = None
+                self._scanned = 0
                 return True
-            keep = len(b"content-length:")  # a header name may be split across reads
-            del self._buf[: max(0, len(self._buf) - keep)]
+            del buf[: max(self._resync_from, len(buf) - _KEEP)]
+            self._resync_from = 0
             if not self._fill():
+                buf.clear()
                 return False
+
+    def _recover(self) -> None:
+        self._resync_from = 1
+        self._scanned = 0
 
 
 def _parse_header(block: bytes):
     """(content length or None, what is wrong or None). A valid length with another bad line
-    still lets the body be skipped by its size."""
+    still lets the body be skipped by its size. Empty lines (a stray newline before the header)
+    are ignored."""
     length = None
     problem = None
-    for raw in block.replace(b"\r\n", b"\n").split(b"\n"):
+    conflict = False
+    for raw in block.split(b"\n"):
+        raw = raw.rstrip(b"\r")
+        if not raw.strip():
+            continue
         name, colon, value = raw.partition(b":")
         if not colon:
             problem = problem or f"line {raw[:40]!r} is not 'Name: value'"
         elif name.strip().lower() == b"content-length":
-            try:
-                n = int(value.strip())
-            except ValueError:
-                problem = problem or f"Content-Length {value.strip()[:20]!r} is not a number"
+            value = value.strip()
+            if not value.isdigit():
+                problem = problem or f"Content-Length {value[:20]!r} is not a non-negative integer"
                 continue
-            if n < 0:
-                problem = problem or "Content-Length is negative"
-            else:
-                length = n
+            n = int(value) if len(value) <= 18 else 10**18  # absurd lengths are just "too large"
+            conflict = conflict or (length is not None and n != length)
+            length = n
+    if conflict:
+        length, problem = None, "two different Content-Length values"
     if length is None:
         problem = problem or "no Content-Length"
     return length, problem

@@ -1,17 +1,49 @@
 """MessagePack: a stream of maps with the same fields as JSON-RPC; `bin` values allowed.
 
-MessagePack has no frame boundaries, so an undecodable byte sequence cannot be skipped by length.
-The runtime answers -32700 once (frame_too_large for a frame over the size limit), then
-resynchronises: it drops bytes until the next position where a whole request decodes (a map with
-"jsonrpc", or an array of them), so the rest of a bad frame is never taken for requests."""
+MessagePack has no frame boundaries, so the reader walks each value's headers (not its contents)
+to find where it ends, and refuses it with frame_too_large as soon as a declared size puts that end
+past the limit: a 4 GiB string header with no body is answered at once instead of swallowing the
+stream. A decoded frame must look like JSON: string map keys, no extension types or timestamps.
+
+Resync policy: after a bad frame the reader answers once, then drops bytes until the next
+plausible request start: a map header (1-15 members) whose first key is "jsonrpc", "id", "method"
+or "params", from which a whole map with a "jsonrpc" member decodes. Only maps restart the
+stream, so a batch array right after bad bytes is served as its separate requests. A complete
+candidate wins over an earlier one still waiting for bytes, so a garbage header that declares a
+long body cannot hold back the requests behind it. Every step looks at each byte a bounded number
+of times, so resync is linear in the garbage."""
+
+import re
 
 import msgpack
 
-from ..errors import INVALID_REQUEST, PARSE_ERROR, RpcError
-from . import Frame
+from ..errors import INVALID_REQUEST, RpcError
+from . import BaseReader, Frame, parse_error, too_large
 
-_READ_SIZE = 1 << 16
 _packer = msgpack.Packer(use_bin_type=True)
+
+_TOO_LARGE = "too large"
+_BAD = "bad"
+_WHITESPACE = b" \t\r\n"  # between frames, as in detection: skipped
+_MAX_CANDIDATES = 8        # resync: request starts followed at once
+_REQUEST_START = re.compile(
+    rb"(?:[\x81-\x8f]|\xde\x00[\x01-\x0f]|\xdf\x00\x00\x00[\x01-\x0f])"
+    rb"(?:\xa7jsonrpc|\xa2id|\xa6method|\xa6params|\xd9\x07jsonrpc|\xd9\x02id|\xd9\x06method|\xd9\x06params)")
+_KEEP = 13  # the longest request start minus one: it may be split across reads
+
+# Header byte -> (header size, bytes of its length field, what the length counts:
+# 0 nothing (fixed size), 1 payload bytes, 2 array items, 3 map pairs). 0xc1 is never used.
+_HEAD = {
+    0xc4: (2, 1, 1), 0xc5: (3, 2, 1), 0xc6: (5, 4, 1),     # bin
+    0xc7: (3, 1, 1), 0xc8: (4, 2, 1), 0xc9: (6, 4, 1),     # ext
+    0xca: (5, 0, 0), 0xcb: (9, 0, 0),                      # float
+    0xcc: (2, 0, 0), 0xcd: (3, 0, 0), 0xce: (5, 0, 0), 0xcf: (9, 0, 0),
+    0xd0: (2, 0, 0), 0xd1: (3, 0, 0), 0xd2: (5, 0, 0), 0xd3: (9, 0, 0),
+    0xd4: (3, 0, 0), 0xd5: (4, 0, 0), 0xd6: (6, 0, 0), 0xd7: (10, 0, 0), 0xd8: (18, 0, 0),  # fixext
+    0xd9: (2, 1, 1), 0xda: (3, 2, 1), 0xdb: (5, 4, 1),     # str
+    0xdc: (3, 2, 2), 0xdd: (5, 4, 2),                      # array
+    0xde: (3, 2, 3), 0xdf: (5, 4, 3),                      # map
+}
 
 
 def encode(message) -> bytes:
@@ -19,97 +51,226 @@ def encode(message) -> bytes:
     return _packer.pack(message)
 
 
-class Reader:
-    def __init__(self, read, max_frame_bytes: int, initial: bytes = b""):
-        self._read = read
-        self._max = max_frame_bytes
-        self._initial = initial
+class _Extent:
+    """Where one MessagePack value that starts at `start` ends, found by walking its headers;
+    resumable, so a value arriving in many reads is walked once."""
 
-    def _unpacker(self):
-        return msgpack.Unpacker(raw=False, max_buffer_size=self._max, strict_map_key=True)
+    __slots__ = ("start", "pos", "stack")
 
-    def __iter__(self):
-        unpacker = self._unpacker()
-        data = self._initial
-        lost = bytearray()  # after an error: bytes not yet known to start a request
+    def __init__(self, start: int):
+        self.start = start
+        self.pos = start
+        self.stack = []  # items still expected by each open array/map
+
+    def advance(self, buf, limit: int):
+        """The end offset once complete; _TOO_LARGE or _BAD; None while more bytes are needed."""
+        pos, stack, n = self.pos, self.stack, len(buf)
+        end_max = self.start + limit
         while True:
-            if lost:
-                lost += data
-                found = _next_request(lost, self._max)
-                if found is None:
-                    data = self._read(_READ_SIZE)
-                    if not data:
-                        return
-                    continue
-                data = bytes(lost[found:])
-                lost.clear()
-            if data:
-                try:
-                    unpacker.feed(data)
-                except msgpack.BufferFull:
-                    unpacker = self._unpacker()
-                    lost = bytearray(b"\x00") + data  # resync from here on
-                    yield Frame(error=RpcError(
-                        INVALID_REQUEST, f"frame is larger than the limit of {self._max} bytes; it was dropped",
-                        type="frame_too_large", limit=self._max))
-                    data = b""
-                    continue
-            data = b""
-            while True:
-                try:
-                    message = next(unpacker)
-                except StopIteration:
-                    break
-                except Exception as e:  # FormatError, StackError, UnicodeDecodeError, ValueError...
-                    rest = _unread(unpacker)
-                    unpacker = self._unpacker()
-                    lost = bytearray(b"\x00") + rest
-                    yield Frame(error=RpcError(
-                        PARSE_ERROR, f"parse error: undecodable MessagePack ({type(e).__name__}: {e}); skipped to the next request"))
-                    break
-                yield Frame(message=message)
-            if lost:
+            if pos >= n:
+                self.pos = pos
+                return None
+            b = buf[pos]
+            count = 0
+            if b <= 0x7f or b >= 0xe0 or b == 0xc0 or b == 0xc2 or b == 0xc3:
+                size = 1
+            elif b <= 0x8f:
+                size, count = 1, 2 * (b & 0x0f)
+            elif b <= 0x9f:
+                size, count = 1, b & 0x0f
+            elif b <= 0xbf:
+                size = 1 + (b & 0x1f)
+            elif b == 0xc1:
+                return _BAD
+            else:
+                size, width, unit = _HEAD[b]
+                if unit:
+                    if pos + 1 + width > n:
+                        self.pos = pos
+                        return None
+                    length = int.from_bytes(buf[pos + 1: pos + 1 + width], "big")
+                    if unit == 1:
+                        size += length
+                    else:
+                        count = length if unit == 2 else 2 * length
+            # Every item still to come takes at least a byte.
+            if pos + size + count > end_max:
+                return _TOO_LARGE
+            if pos + size > n:
+                self.pos = pos
+                return None
+            pos += size
+            if count:
+                stack.append(count)
                 continue
-            data = self._read(_READ_SIZE)
-            if not data:
-                return
+            while stack:  # a value ended: so may the containers around it
+                stack[-1] -= 1
+                if stack[-1]:
+                    break
+                stack.pop()
+            else:
+                self.pos = pos
+                return pos
+
+    def shift(self, by: int) -> None:
+        self.start -= by
+        self.pos -= by
 
 
-def _unread(unpacker) -> bytes:
-    """What an Unpacker still holds (after a decoding error), so resync can scan it."""
-    try:
-        return unpacker.read_bytes(1 << 62)
-    except Exception:
-        return b""
+def _unpack(data: bytes):
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
-def _is_request(obj) -> bool:
-    if isinstance(obj, list):
-        return bool(obj) and all(isinstance(o, dict) and "jsonrpc" in o for o in obj)
-    return isinstance(obj, dict) and "jsonrpc" in obj
+class Reader(BaseReader):
+    def __init__(self, read, max_frame_bytes: int, initial: bytes = b""):
+        super().__init__(read, max_frame_bytes, initial)
+        self._frame = _Extent(0)   # the value at the buffer's start
+        self._candidates = None    # resynchronising: request starts being followed, in order
+        self._searched = 0         # resynchronising: where the search for more starts goes on
+
+    def _frames(self):
+        buf = self._buf
+        while True:
+            if self._candidates is not None:
+                found = self._resync()
+                if found is None:
+                    return
+                yield found
+                continue
+            if self._frame.pos == 0:
+                while buf and buf[0] in _WHITESPACE:
+                    del buf[:1]
+            end = self._frame.advance(buf, self._max) if buf else None
+            if end is None:
+                if not self._fill():
+                    if buf:
+                        buf.clear()
+                        yield parse_error("input ended inside a MessagePack value")
+                    return
+                continue
+            if end is _TOO_LARGE:
+                self._start_resync(1)
+                yield too_large(self._max, "frame (by its declared sizes)")
+                continue
+            if end is _BAD:
+                self._start_resync(1)
+                yield parse_error("undecodable MessagePack (byte 0xc1 is never used); skipped to the next request")
+                continue
+            try:
+                obj = _unpack(bytes(buf[:end]))
+            except Exception as e:  # bad UTF-8, unhashable keys, bad timestamps, nesting...
+                self._start_resync(1)
+                yield parse_error(f"undecodable MessagePack ({type(e).__name__}: {e}); skipped to the next request")
+                continue
+            del buf[:end]
+            self._frame = _Extent(0)
+            if not isinstance(obj, (dict, list)):
+                # A bare scalar is never a request: the stream is most likely out of step.
+                self._start_resync(0)
+                yield Frame(error=RpcError(
+                    INVALID_REQUEST, f"a MessagePack frame must be a map (a request) or an array (a batch), not {_kind(obj)}; skipped to the next request"))
+                continue
+            yield _checked(obj)
+
+    def _start_resync(self, start: int) -> None:
+        self._candidates = []
+        self._searched = start
+        self._frame = _Extent(0)
+
+    def _resync(self):
+        """The next plausible request's Frame, with the bytes before and of it dropped; None at EOF."""
+        buf = self._buf
+        while True:
+            while len(self._candidates) < _MAX_CANDIDATES:
+                m = _REQUEST_START.search(buf, self._searched)
+                if m is None:
+                    self._searched = max(self._searched, len(buf) - _KEEP)
+                    break
+                self._candidates.append(_Extent(m.start()))
+                self._searched = m.start() + 1
+            waiting = []
+            for c in self._candidates:
+                end = c.advance(buf, self._max)
+                if end is None:
+                    waiting.append(c)
+                    continue
+                if end is _TOO_LARGE or end is _BAD:
+                    continue
+                try:
+                    obj = _unpack(bytes(buf[c.start:end]))
+                except Exception:
+                    continue
+                if isinstance(obj, dict) and "jsonrpc" in obj:
+                    del buf[:end]
+                    self._candidates = None
+                    self._frame = _Extent(0)
+                    return _checked(obj)
+            self._candidates = waiting
+            if len(waiting) == _MAX_CANDIDATES:
+                continue_search = False
+            else:
+                continue_search = _REQUEST_START.search(buf, self._searched) is not None
+            if continue_search:
+                continue
+            drop = min([c.start for c in waiting] + [self._searched])
+            if drop:
+                del buf[:drop]
+                for c in waiting:
+                    c.shift(drop)
+                self._searched -= drop
+            if not self._fill():
+                buf.clear()
+                self._candidates = None
+                return None
+
+    def _recover(self) -> None:
+        self._start_resync(1)
 
 
-def _next_request(buf: bytearray, limit: int):
-    """The offset (past the marker byte at 0) where a whole request decodes, or None if none is
-    visible yet; then bytes that cannot start one are dropped, and an incomplete candidate is kept
-    for the next read. A complete request later in the buffer wins over an incomplete one."""
-    incomplete = None
-    for i in range(1, len(buf)):
-        if buf[i] not in _FIRST:
-            continue
-        u = msgpack.Unpacker(raw=False, max_buffer_size=limit, strict_map_key=True)
-        try:
-            u.feed(bytes(buf[i:]))
-            obj = next(u)
-        except StopIteration:
-            incomplete = i if incomplete is None else incomplete
-            continue
-        except Exception:
-            continue
-        if _is_request(obj):
-            return i
-    del buf[1: incomplete if incomplete is not None else len(buf)]
-    return None
+_SCALARS = frozenset((str, int, float, bool, type(None), bytes))
 
 
-_FIRST = set(range(0x80, 0xA0)) | {0xDC, 0xDD, 0xDE, 0xDF}
+def _checked(obj) -> Frame:
+    """The frame for a decoded map or array: -32600 (naming where) if anything in it has no JSON
+    equivalent, a non-string map key or an extension value (bin values are left to the schemas)."""
+    stack = [(obj, "")]
+    while stack:
+        value, path = stack.pop()
+        items = value.items() if type(value) is dict else enumerate(value)
+        for k, v in items:
+            if type(value) is dict and type(k) is not str:
+                return _invalid(path, f"a MessagePack map key is {_kind(k)} ({_short(k)}); JSON-RPC objects have string keys only")
+            t = type(v)
+            if t is dict or t is list:
+                stack.append((v, f"{path}/{_pointer(k)}"))
+            elif t not in _SCALARS:
+                return _invalid(f"{path}/{_pointer(k)}", f"a MessagePack {_kind(v)} has no JSON equivalent")
+    return Frame(message=obj)
+
+
+def _invalid(path: str, problem: str) -> Frame:
+    where = f"at {path!r}" if path else "at the top level"
+    return Frame(error=RpcError(INVALID_REQUEST, f"invalid request: {problem} ({where})", path=path))
+
+
+def _pointer(key) -> str:
+    return str(key).replace("~", "~0").replace("/", "~1")
+
+
+def _kind(value) -> str:
+    if isinstance(value, msgpack.Timestamp):
+        return "timestamp (extension -1)"
+    if isinstance(value, msgpack.ExtType):
+        return f"extension type {value.code}"
+    if isinstance(value, bytes):
+        return "bin"
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "nil"
+    return {int: "integer", float: "float", str: "string", list: "array", dict: "map"}.get(type(value), type(value).__name__)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

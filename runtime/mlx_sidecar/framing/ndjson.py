@@ -2,10 +2,7 @@
 
 import orjson
 
-from ..errors import INVALID_REQUEST, PARSE_ERROR, RpcError
-from . import Frame
-
-_READ_SIZE = 1 << 16
+from . import BaseReader, Frame, parse_error, too_large
 
 
 def encode(message) -> bytes:
@@ -13,57 +10,56 @@ def encode(message) -> bytes:
 
 
 def decode(line: bytes) -> Frame:
+    """One JSON text; anything wrong with it (syntax, UTF-8, nesting) is a -32700 for this frame."""
     try:
         return Frame(message=orjson.loads(line))
     except orjson.JSONDecodeError as e:
-        return Frame(error=RpcError(PARSE_ERROR, f"parse error: not a valid JSON value ({e})"))
+        return parse_error(f"not a valid JSON value ({e})")
+    except Exception as e:  # never expected from orjson, but one bad frame must not end the reader
+        return parse_error(f"the JSON value could not be decoded ({type(e).__name__}: {e})")
 
 
-class Reader:
-    """Splits the byte stream at newlines. A line over the size limit is skipped up to its
-    newline and answered with frame_too_large; blank lines are ignored."""
+class Reader(BaseReader):
+    """Splits the byte stream at newlines. A line over the size limit is answered with
+    frame_too_large as soon as the buffered part passes the limit (so memory stays bounded), and
+    dropped up to its newline; blank lines are ignored."""
 
     def __init__(self, read, max_frame_bytes: int, initial: bytes = b""):
-        self._read = read
-        self._max = max_frame_bytes
-        self._buf = bytearray(initial)
+        super().__init__(read, max_frame_bytes, initial)
+        self._scanned = 0       # bytes of the buffer already searched for a newline
+        self._skipping = False  # inside an oversized line, dropping bytes until its newline
 
-    def __iter__(self):
+    def _frames(self):
         buf = self._buf
-        start = 0
-        skipping = False  # inside an oversized line, dropping bytes until its newline
         while True:
-            nl = buf.find(b"\n", start)
+            nl = buf.find(b"\n", self._scanned)
             if nl < 0:
-                if start:
-                    del buf[:start]
-                    start = 0
-                if not skipping and len(buf) > self._max:
-                    skipping = True
-                    yield _too_large(self._max)
-                if skipping:
+                if self._skipping:
                     buf.clear()
-                data = self._read(_READ_SIZE)
-                if not data:
+                elif len(buf) > self._max:
+                    self._skipping = True
+                    buf.clear()
+                    yield too_large(self._max)
+                self._scanned = len(buf)
+                if not self._fill():
                     break
-                buf += data
                 continue
-            line = bytes(buf[start:nl])
-            start = nl + 1
-            if skipping:
-                skipping = False
+            line = bytes(buf[:nl])
+            del buf[: nl + 1]
+            self._scanned = 0
+            if self._skipping:
+                self._skipping = False
                 continue
             if len(line) > self._max:
-                yield _too_large(self._max)
-                continue
-            if line.strip():
+                yield too_large(self._max)
+            elif line.strip():
                 yield decode(line)
         # A last line without its newline (a person pressing Ctrl-D) still counts.
-        if not skipping and bytes(buf[start:]).strip():
-            yield decode(bytes(buf[start:]))
+        if not self._skipping and buf.strip():
+            line = bytes(buf)
+            buf.clear()
+            yield decode(line)
 
-
-def _too_large(limit: int) -> Frame:
-    return Frame(error=RpcError(
-        INVALID_REQUEST, f"frame is larger than the limit of {limit} bytes; it was skipped",
-        type="frame_too_large", limit=limit))
+    def _recover(self) -> None:
+        self._skipping = True
+        self._scanned = 0
