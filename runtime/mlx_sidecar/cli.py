@@ -2,9 +2,10 @@
 
 import argparse
 import logging
+import os
 import sys
 
-from . import __version__, framing
+from . import __version__, defaults, framing
 
 
 def parse_args(argv=None):
@@ -19,12 +20,12 @@ def parse_args(argv=None):
                    help="stderr log level (default: info)")
     p.add_argument("--max-frame-bytes", type=int, default=framing.DEFAULT_MAX_FRAME_BYTES,
                    help="largest accepted frame; bigger ones are answered with frame_too_large (default: 64 MiB)")
-    p.add_argument("--max-batch", type=int, default=16, metavar="N",
-                   help="generate requests decoded together per model (default: 16)")
-    p.add_argument("--max-queue", type=int, default=64, metavar="N",
-                   help="generate requests waiting per model beyond --max-batch; more are refused as overloaded (default: 64)")
-    p.add_argument("--prompt-cache-bytes", type=int, default=512 << 20, metavar="BYTES",
-                   help="KV cache kept per model for reuse by prompts with a shared prefix; 0 turns it off (default: 512 MiB)")
+    p.add_argument("--max-batch", type=int, default=defaults.MAX_BATCH, metavar="N",
+                   help="generate requests decoded together per model (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=defaults.MAX_QUEUE, metavar="N",
+                   help="generate requests waiting per model beyond --max-batch; more are refused as overloaded (default: %(default)s)")
+    p.add_argument("--prompt-cache-bytes", type=int, default=defaults.PROMPT_CACHE_BYTES, metavar="BYTES",
+                   help="KV cache kept per model for reuse by prompts with a shared prefix; 0 turns it off (default: %(default)s)")
     p.add_argument("--version", action="version", version=f"mlx-sidecar {__version__}")
     return p.parse_args(argv)
 
@@ -41,4 +42,10 @@ def main(argv=None) -> int:
     server = Server(args.framing, args.max_frame_bytes, preload=args.model, max_batch=args.max_batch,
                     max_queue=args.max_queue, prompt_cache_bytes=args.prompt_cache_bytes)
     install_signal_handlers(server)
-    return server.serve(0, out_fd)
+    code = server.serve(0, out_fd)
+    logging.shutdown()
+    try:
+        sys.stderr.flush()
+    except Exception:
+        pass
+    os._exit(code)  # daemon threads (a load mid-way, say) must not hold the exit

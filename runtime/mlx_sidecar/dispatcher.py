@@ -26,9 +26,9 @@ class Request:
     """One request (or notification) from receipt to its single answer."""
 
     __slots__ = ("id", "method", "params", "received_at", "is_notification", "cancel_requested",
-                 "partial", "on_done", "_sink", "_state", "_lock", "_server")
+                 "partial", "on_done", "_sink", "_state", "_lock", "_inflight")
 
-    def __init__(self, server, id, method, params, sink, received_at):
+    def __init__(self, inflight, id, method, params, sink, received_at):
         self.id = id
         self.method = method
         self.params = params
@@ -40,7 +40,7 @@ class Request:
         self._sink = sink
         self._state = QUEUED
         self._lock = threading.Lock()
-        self._server = server
+        self._inflight = inflight
 
     def try_start(self) -> bool:
         """Engine side: claim the request; False when it was cancelled while queued."""
@@ -73,7 +73,7 @@ class Request:
         self._sink(None if self.is_notification else message, buf)
         if self.on_done is not None:
             self.on_done()
-        self._server.request_done(self)
+        self._inflight.complete(self)
 
 
 class _Batch:
@@ -109,15 +109,23 @@ class _Batch:
 
 
 class Dispatcher:
-    def __init__(self, server):
-        self.server = server
-        self.writer = server.writer
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.inflight = ctx.inflight
+        self.writer = ctx.writer
 
     def _single_sink(self, message, buf) -> None:
         if message is not None or buf is not None:
             self.writer.finish(buf, message)
 
     def handle(self, frame) -> None:
+        try:
+            self._handle(frame)
+        except Exception as e:  # a bug must cost one answer, never the reader
+            log.exception("dispatcher: unexpected failure")
+            self.writer.send(error_message(None, internal("the dispatcher", e)))
+
+    def _handle(self, frame) -> None:
         if frame.error is not None:
             self.writer.send(error_message(None, frame.error))
             return
@@ -161,24 +169,26 @@ class Dispatcher:
         elif not isinstance(params, dict):
             return self._maybe_reject(id, reject, RpcError(INVALID_REQUEST, "params must be an object"))
 
-        server = self.server
         if id is _MISSING:
             return self._notification(method, params, received)
-        if server.shutting_down and method != "exit":
+        if self.inflight.shutting_down and method != "exit":
             return reject(reply_id, RpcError(INVALID_REQUEST, "shutting down: no new requests are accepted after shutdown", type="shutting_down"))
         handler = HANDLERS.get(method)
         if handler is None:
             return reject(reply_id, RpcError(METHOD_NOT_FOUND, f"method {method!r} does not exist; initialize lists the methods", method=method))
-        if id in server.inflight:
+        if self.inflight.get(id) is not None:
             return reject(reply_id, RpcError(INVALID_REQUEST, f"id {id!r} is already in use by a request in flight; use a fresh id", type="duplicate_id"))
         try:
             spec.validate(method, "params", params)
         except RpcError as e:
             return reject(reply_id, e)
+        req = Request(self.inflight, id, method, params, sink, received)
+        try:
+            self.inflight.admit(req)
+        except RpcError as e:
+            return reject(reply_id, e)
         if batch is not None:
             batch.expect()
-        req = Request(server, id, method, params, sink, received)
-        server.inflight[id] = req
         self._run(handler, req)
 
     def _maybe_reject(self, id, reject, error):
@@ -190,7 +200,7 @@ class Dispatcher:
 
     def _notification(self, method, params, received) -> None:
         handler = NOTIFICATIONS.get(method)
-        if handler is None or (self.server.shutting_down and method not in ("exit", "$/cancelRequest")):
+        if handler is None or (self.inflight.shutting_down and method not in ("exit", "$/cancelRequest")):
             if not method.startswith("$/"):
                 log.warning("ignored notification %r (%s)", method, "shutting down" if handler else
                             "not a notification: send it with an id to get an answer")
@@ -200,12 +210,12 @@ class Dispatcher:
         except RpcError as e:
             log.warning("ignored notification %s: %s", method, e.message)
             return
-        req = Request(self.server, _MISSING, method, params, self._single_sink, received)
+        req = Request(self.inflight, _MISSING, method, params, self._single_sink, received)
         self._run(handler, req)
 
     def _run(self, handler, req) -> None:
         try:
-            result = handler(self.server, req)
+            result = handler(self.ctx, req)
         except RpcError as e:
             req.fail(e)
             return

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 
-from . import blas
+from . import blas, defaults
 from .errors import MODEL_UNLOADED, RpcError, internal
 from .runners import ModelRunner, cancelled_error
 
@@ -21,7 +21,8 @@ MEMORY_SNAPSHOT_EVERY = 0.25  # seconds between memory readings while generating
 
 
 class Engine:
-    def __init__(self, max_batch: int = 16, prompt_cache_bytes: int = 1 << 30, stalled=lambda: False):
+    def __init__(self, max_batch: int = defaults.MAX_BATCH, prompt_cache_bytes: int = defaults.PROMPT_CACHE_BYTES,
+                 stalled=lambda: False):
         self.models: dict = {}          # id → LoadedModel; written here, read by the dispatcher
         self.device = {"type": "cpu", "backend": "cpu"}
         self.memory = {"active_bytes": 0, "peak_bytes": 0, "cache_bytes": 0, "rss_bytes": 0}
@@ -38,9 +39,10 @@ class Engine:
         self._thread.start()
 
     # ---- any thread ----
-    def call(self, req, fn) -> None:
-        """Run fn(engine) on the engine thread and answer req with its result."""
-        self._put(("call", req, fn))
+    def call(self, req, fn, always=None) -> None:
+        """Run fn(engine) on the engine thread and answer req with its result; always() runs after
+        it, or instead of it when req was cancelled while queued."""
+        self._put(("call", req, fn, always))
 
     def generate(self, generation) -> None:
         self._put(("gen", generation))
@@ -83,7 +85,11 @@ class Engine:
                 stopping = self._stopping
             for item in items:
                 if item[0] == "call":
-                    self._run_call(item[1], item[2])
+                    try:
+                        self._run_call(item[1], item[2])
+                    finally:
+                        if item[3] is not None:
+                            item[3]()
                 else:
                     self._admit(item[1])
             if stopping:

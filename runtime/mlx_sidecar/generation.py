@@ -5,15 +5,13 @@ token it gets (text, stop strings, chunks), up to its one response. Where the to
 import logging
 import time
 
-from . import constraints, prompts, sampling
+from . import constraints, prompts, sampling, spec
 from .errors import CONTEXT_LENGTH_EXCEEDED, GENERATION_FAILED, INVALID_PARAMS, RpcError, model_not_found
 from .stops import StopText
 from .writer import ChunkBuffer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_TOKENS = 256
-DEFAULT_MAX_LATENCY_MS = 20.0
 
 
 class Generation:
@@ -22,7 +20,7 @@ class Generation:
         self.params = params
         self.writer = writer
         self.model_id = params["model"]
-        self.stream = params.get("stream", True) and not req.is_notification
+        self.stream = params.get("stream", spec.default("generate", "stream")) and not req.is_notification
         self.loaded = None
         self.buf: ChunkBuffer | None = None
         self.prompt_ids: list[int] = []
@@ -49,7 +47,7 @@ class Generation:
             raise RpcError(INVALID_PARAMS, "the prompt is empty after tokenization; send some text",
                            path="/prompt" if "prompt" in params else "/messages")
         ctx = loaded.context_length
-        max_tokens = params.get("max_tokens", DEFAULT_MAX_TOKENS)
+        max_tokens = params.get("max_tokens", spec.default("generate", "max_tokens"))
         if ctx is not None:
             if len(ids) >= ctx:
                 raise RpcError(CONTEXT_LENGTH_EXCEEDED, f"the prompt has {len(ids)} tokens but model {loaded.id!r} has a context of {ctx}; shorten the prompt",
@@ -69,7 +67,7 @@ class Generation:
         if self.stream:
             opts = params.get("stream_options") or {}
             self.buf = ChunkBuffer(self.req.id, opts.get("chunk_tokens", loaded.info["chunk_tokens"]),
-                                   opts.get("max_latency_ms", DEFAULT_MAX_LATENCY_MS) / 1000.0)
+                                   opts.get("max_latency_ms", spec.default("generate", "stream_options", "max_latency_ms")) / 1000.0)
         self.detok = loaded.tokenizer.detokenizer
 
     def begin(self, cached_tokens: int) -> None:

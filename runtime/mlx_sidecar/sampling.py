@@ -2,9 +2,8 @@
 
 from functools import lru_cache
 
+from . import spec
 from .errors import INVALID_PARAMS, RpcError
-
-DEFAULT_TEMPERATURE = 1.0
 
 
 def check_against_model(params: dict, vocab_size: int | None) -> None:
@@ -25,11 +24,12 @@ def check_against_model(params: dict, vocab_size: int | None) -> None:
 
 
 def _settings(params: dict, vocab_size: int | None = None):
-    top_k = int(params.get("top_k", 0))
+    top_k = int(params.get("top_k", spec.default("generate", "top_k")))
     if vocab_size and top_k >= vocab_size:
         top_k = 0  # keeping every token is no filter at all (mlx-lm refuses top_k == vocab)
-    return (float(params.get("temperature", DEFAULT_TEMPERATURE)), float(params.get("top_p", 1.0)),
-            float(params.get("min_p", 0.0)), top_k)
+    return (float(params.get("temperature", spec.default("generate", "temperature"))),
+            float(params.get("top_p", spec.default("generate", "top_p"))),
+            float(params.get("min_p", spec.default("generate", "min_p"))), top_k)
 
 
 @lru_cache(maxsize=64)

@@ -9,12 +9,13 @@ import signal
 import sys
 import threading
 import time
-from importlib import metadata
 
-from . import framing
+from . import defaults, framing
+from .context import Context
 from .dispatcher import Dispatcher
 from .engine import Engine
-from .errors import CANCELLED, OVERLOADED, RpcError, model_not_found
+from .errors import CANCELLED, RpcError
+from .inflight import InFlight
 from .writer import Writer
 
 log = logging.getLogger(__name__)
@@ -23,36 +24,30 @@ STOP_BUDGET = 0.9  # seconds from EOF/SIGTERM to exit
 
 
 class Server:
+    """The runtime's lifecycle: reads frames, dispatches them, and stops cleanly. `serve` returns
+    the exit code instead of exiting, so tests can run whole servers in-process over os.pipe()."""
+
     def __init__(self, framing_name: str = "auto", max_frame_bytes: int = framing.DEFAULT_MAX_FRAME_BYTES,
-                 preload: list[str] = (), max_batch: int = 16, max_queue: int = 64,
-                 prompt_cache_bytes: int = 512 << 20):
+                 preload: list[str] = (), max_batch: int = defaults.MAX_BATCH, max_queue: int = defaults.MAX_QUEUE,
+                 prompt_cache_bytes: int = defaults.PROMPT_CACHE_BYTES):
         self.requested_framing = framing_name
-        self.framing = framing_name
-        self.max_frame_bytes = max_frame_bytes
         self.preload = list(preload)
-        self.started_at = time.monotonic()
-        self.inflight: dict = {}
-        self.pending_loads: dict = {}   # model id → loads queued or running
-        self.shutting_down = False
-        self.got_shutdown = False
-        self._shutdown_req = None
         self._eof = False               # stdin has ended
         self._stop = threading.Event()
         self._exit_code = 0
-        self._versions = None
-        self.max_batch = max_batch
-        self.max_queue = max_queue
-        self.generations: dict = {}     # model id → generate requests admitted and not yet answered
-        self.writer = None
+        self.inflight = InFlight(max_batch, max_queue)
+        self.inflight.on_drained = self._drained
         self.engine = Engine(max_batch, prompt_cache_bytes,
-                             stalled=lambda: self.writer is not None and self.writer.stalled())
+                             stalled=lambda: self.ctx.writer is not None and self.ctx.writer.stalled())
+        self.ctx = Context(self.engine, self.inflight, self.stop, max_frame_bytes, framing_name)
 
     # ---- lifecycle ----
     def serve(self, in_fd: int, out_fd: int) -> int:
+        """Serve until exit, EOF or stop(); returns the exit code once everything is answered."""
         from .methods.model import queue_load
 
         for source in self.preload:
-            queue_load(self, _Preload(source), source, source)
+            queue_load(self.ctx, _Preload(source), source, source)
         reader = threading.Thread(target=self._read, args=(in_fd, out_fd), name="mlx-sidecar-reader", daemon=True)
         reader.start()
         while not self._stop.wait(0.5):
@@ -64,25 +59,10 @@ class Server:
             self._exit_code = code
             self._stop.set()
 
-    def begin_shutdown(self, req) -> None:
-        self.shutting_down = True
-        self.got_shutdown = True
-        self._shutdown_req = req
-        self._maybe_finish_shutdown()
-
-    def request_done(self, req) -> None:
-        if not req.is_notification:
-            self.inflight.pop(req.id, None)
-        if self._shutdown_req is not None and req is not self._shutdown_req:
-            self._maybe_finish_shutdown()
-
-    def _maybe_finish_shutdown(self) -> None:
-        req = self._shutdown_req
-        if req is not None and all(r is req for r in list(self.inflight.values())):
-            self._shutdown_req = None
-            req.respond({})
-            if self._eof:
-                self.stop(0)
+    def _drained(self) -> None:
+        # shutdown has been answered; after EOF nothing more can come, so stop.
+        if self._eof:
+            self.stop(0)
 
     def _read(self, in_fd: int, out_fd: int) -> None:
         def read(n: int) -> bytes:
@@ -95,124 +75,43 @@ class Server:
         name = self.requested_framing
         if name == "auto":
             name = framing.detect(first) if first else "ndjson"
-        self.framing = name
+        self.ctx.framing = name
         codec = framing.load(name)
-        self.writer = Writer(out_fd, codec.encode, on_broken_pipe=lambda: self.stop(0))
+        self.ctx.writer = Writer(out_fd, codec.encode, on_broken_pipe=lambda: self.stop(0))
         log.debug("framing: %s", name)
-        dispatcher = Dispatcher(self)
-        try:
-            if first:
-                for frame in codec.Reader(read, self.max_frame_bytes, first):
+        dispatcher = Dispatcher(self.ctx)
+        pending = first
+        # A failure in the reader must never end the process: log it, start a fresh reader, go on.
+        while pending is not None and not self._stop.is_set():
+            try:
+                for frame in codec.Reader(read, self.ctx.max_frame_bytes, pending):
                     dispatcher.handle(frame)
                     if self._stop.is_set():
                         return
-        except Exception:
-            log.exception("reader failed")
+                pending = None
+            except Exception:
+                log.exception("reader: unexpected failure; resuming with the next bytes")
+                pending = read(1 << 16) or None
         # EOF: the host is gone. After shutdown, let the drain finish; otherwise stop now.
         self._eof = True
-        if self._shutdown_req is None or not self.inflight:
+        if not self.inflight.draining() or not len(self.inflight):
             self.stop(0)
 
     def _teardown(self) -> int:
         deadline = time.monotonic() + STOP_BUDGET
-        self.shutting_down = True
-        for req in list(self.inflight.values()):
+        self.inflight.begin_shutdown()
+        for req in self.inflight.requests():
             req.cancel()
         self.engine.stop()
         self.engine.join(max(0.0, deadline - time.monotonic() - 0.2))
         # Work the engine could not finish in time (a model load, say) is still answered.
-        for req in list(self.inflight.values()):
+        for req in self.inflight.requests():
             req.fail(RpcError(CANCELLED, "request cancelled: the runtime is stopping", **(req.partial or {})))
-        if self.writer is not None:
-            self.writer.flush(max(0.05, deadline - time.monotonic()))
-        logging.shutdown()
-        try:
-            sys.stderr.flush()
-        except Exception:
-            pass
-        os._exit(self._exit_code)
-
-    # ---- helpers for methods ----
-    def admit_generation(self, req, model_id: str) -> None:
-        """Count a generate request against its model's limits: max_batch running plus max_queue
-        waiting; past that, answer overloaded at once."""
-        n = self.generations.get(model_id, 0)
-        limit = self.max_batch + self.max_queue
-        if n >= limit:
-            raise RpcError(OVERLOADED, f"model {model_id!r} already has {n} generate requests running or queued (limit {limit}); retry later",
-                           model=model_id, limit=limit)
-        self.generations[model_id] = n + 1
-
-        def done():
-            self.generations[model_id] -= 1
-
-        req.on_done = done
-
-    def check_model(self, model_id: str) -> None:
-        """Fail fast for a model that is neither loaded nor being loaded; the engine looks it up
-        again in order, so `model/load` then `generate` can be pipelined."""
-        if model_id not in self.engine.models and not self.pending_loads.get(model_id):
-            raise model_not_found(model_id)
-
-    def versions(self) -> dict:
-        if self._versions is None:
-            from . import __version__
-
-            def v(name):
-                try:
-                    return metadata.version(name)
-                except metadata.PackageNotFoundError:
-                    return None
-
-            self._versions = {"mlx_sidecar": __version__, "python": sys.version.split()[0],
-                              "mlx": v("mlx"), "mlx_lm": v("mlx-lm"), "mlx_vlm": v("mlx-vlm")}
-        return self._versions
-
-    def progress_reporter(self, req, title: str):
-        """A callback(fraction, message, end=False) that sends $/progress for req (LSP's shape)."""
-        state = {"begun": False}
-        writer = self.writer
-        bar = _StderrBar(title)
-
-        def report(fraction: float, message: str, end: bool = False):
-            bar.update(fraction, message, end)
-            if req.is_notification or writer is None:
-                return
-            if not state["begun"]:
-                state["begun"] = True
-                writer.send(_progress(req.id, {"kind": "begin", "title": title, "percentage": 0}))
-            if end:
-                value = {"kind": "end", "message": message}
-            else:
-                value = {"kind": "report", "message": message, "percentage": round(max(0.0, min(1.0, fraction)) * 100, 1)}
-            writer.send(_progress(req.id, value))
-
-        return report
-
-
-class _StderrBar:
-    """Progress for a person: a bar redrawn in place on a terminal, a few log lines otherwise."""
-
-    def __init__(self, title: str):
-        self.title = title
-        self.tty = sys.stderr.isatty()
-        self.logged = -1
-
-    def update(self, fraction: float, message: str, end: bool) -> None:
-        pct = int(max(0.0, min(1.0, 1.0 if end else fraction)) * 100)
-        if self.tty:
-            filled = pct * 30 // 100
-            sys.stderr.write(f"\r{self.title[:40]} [{'#' * filled}{' ' * (30 - filled)}] {pct:3d}% {message[:40]:<40}")
-            if end:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-        elif end or pct // 25 > self.logged:
-            self.logged = pct // 25
-            log.info("%s: %d%% %s", self.title, pct, message)
-
-
-def _progress(token, value) -> dict:
-    return {"jsonrpc": "2.0", "method": "$/progress", "params": {"token": token, "value": value}}
+        writer = self.ctx.writer
+        if writer is not None:
+            writer.flush(max(0.05, deadline - time.monotonic()))
+            writer.close()
+        return self._exit_code
 
 
 class _Preload:

@@ -149,3 +149,12 @@ def _describe(error, root) -> tuple[str, str]:
     if len(message) > 300:  # jsonschema quotes the whole offending value
         message = message[:300] + "…"
     return where or "", f"{where or 'params'}: {message}"
+
+
+@lru_cache(maxsize=None)
+def default(method: str, *path: str):
+    """A param's default, from the "default" keyword in the method's params schema (the one source)."""
+    schema = json.loads((protocol_dir() / schema_file(method, "params")).read_text())
+    for name in path:
+        schema = schema["properties"][name]
+    return schema["default"]

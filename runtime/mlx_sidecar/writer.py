@@ -106,6 +106,10 @@ class Writer:
         self._q.put(("mark", marker))
         return marker.wait(timeout)
 
+    def close(self) -> None:
+        """End the writer thread once what is queued before this call has been written."""
+        self._q.put(("close",))
+
     # ---- the writer thread ----
     def _run(self):
         # The writer must outlive any one bad message: a failure is logged and the loop goes on.
@@ -114,6 +118,7 @@ class Writer:
         while True:
             try:
                 self._loop()
+                return  # closed
             except Exception:
                 log.exception("writer: unexpected failure; continuing")
 
@@ -150,6 +155,7 @@ class Writer:
             except queue.Empty:
                 item = None
             marks = []
+            closing = False
             while item is not None:
                 kind = item[0]
                 if kind == "msg":
@@ -171,6 +177,9 @@ class Writer:
                         out.append(self._encode_safely(item[2]))
                 elif kind == "mark":
                     marks.append(item[1])
+                elif kind == "close":
+                    closing = True
+                    break
                 # Coalesce whatever else is already queued into one write.
                 try:
                     item = self._q.get_nowait()
@@ -191,6 +200,8 @@ class Writer:
                 self._write(b"".join(frames) if len(frames) > 1 else frames[0])
             for m in marks:
                 m.set()
+            if closing:
+                return
 
     def _write(self, data: bytes) -> None:
         if self._broken:

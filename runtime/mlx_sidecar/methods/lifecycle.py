@@ -2,54 +2,55 @@
 
 import sys
 
-from .. import PROTOCOL_VERSION, __version__, spec
+from .. import PROTOCOL_VERSION, __version__, constraints, spec
 from ..errors import INVALID_PARAMS, RpcError
 from . import PENDING
 
 
-def capabilities(server) -> dict:
+def capabilities(ctx) -> dict:
     from ..framing import NAMES
 
     ix = spec.index()
     return {
         "framings": list(NAMES),
-        "framing": server.framing,
+        "framing": ctx.framing,
         "methods": list(ix["methods"]),
         "notifications": list(ix["client_notifications"]) + list(ix["server_notifications"]),
-        "device": server.engine.device,
-        "versions": server.versions(),
-        "limits": {"max_frame_bytes": server.max_frame_bytes, "max_stop_strings": 16},
+        "device": ctx.engine.device,
+        "versions": ctx.versions(),
+        "limits": {"max_frame_bytes": ctx.max_frame_bytes, "max_stop_strings": 16},
+        "structured_output": constraints.capabilities(),
     }
 
 
-def initialize(server, req):
+def initialize(ctx, req):
     wanted = req.params.get("protocol_version")
     if wanted is not None and wanted.split(".")[0] != PROTOCOL_VERSION.split(".")[0]:
         raise RpcError(INVALID_PARAMS, f"protocol version {wanted} is not supported; this runtime speaks {PROTOCOL_VERSION}",
                        path="/protocol_version", supported=[PROTOCOL_VERSION])
-    server.engine.ready.wait(2.0)  # mlx.core's import: tens of milliseconds after spawn
+    ctx.engine.ready.wait(2.0)  # mlx.core's import: tens of milliseconds after spawn
     return {
         "protocol_version": PROTOCOL_VERSION,
         "server_info": {"name": "mlx-sidecar", "version": __version__},
-        "capabilities": capabilities(server),
+        "capabilities": capabilities(ctx),
     }
 
 
-def shutdown(server, req):
+def shutdown(ctx, req):
     """Stop taking requests; answer once everything in flight has been answered."""
-    server.begin_shutdown(req)
+    ctx.inflight.begin_shutdown(req)
     return PENDING
 
 
-def exit(server, req):
+def exit(ctx, req):
     if not req.is_notification:
         req.respond({})
-    server.stop(0 if server.got_shutdown else 1)
+    ctx.stop(0 if ctx.inflight.got_shutdown else 1)
     return PENDING
 
 
-def cancel_request(server, req):
-    target = server.inflight.get(req.params["id"])
+def cancel_request(ctx, req):
+    target = ctx.inflight.get(req.params["id"])
     if target is not None and target is not req:
         target.cancel()
     return PENDING

@@ -10,8 +10,8 @@ from . import PENDING
 log = logging.getLogger(__name__)
 
 
-def _already(server, model_id: str, source: str):
-    loaded = server.engine.models.get(model_id)
+def _already(ctx, model_id: str, source: str):
+    loaded = ctx.engine.models.get(model_id)
     if loaded is None:
         return None
     if loaded.source != source:
@@ -19,34 +19,29 @@ def _already(server, model_id: str, source: str):
     return loaded.info
 
 
-def load(server, req):
+def load(ctx, req):
     source = req.params["model"]
     model_id = req.params.get("id", source)
-    info = _already(server, model_id, source)
+    info = _already(ctx, model_id, source)
     if info is not None:
         return info
-    queue_load(server, req, source, model_id)
+    queue_load(ctx, req, source, model_id)
     return PENDING
 
 
-def queue_load(server, req, source, model_id) -> None:
+def queue_load(ctx, req, source, model_id) -> None:
     """Queue a load on the engine; until it has run, generate and tokenize for model_id may queue behind it."""
-    server.pending_loads[model_id] = server.pending_loads.get(model_id, 0) + 1
+    ctx.inflight.load_queued(model_id)
 
-    def run(engine):
-        try:
-            return _load(server, engine, req, source, model_id)
-        finally:
-            server.pending_loads[model_id] -= 1
-
-    server.engine.call(req, run)
+    ctx.engine.call(req, lambda engine: _load(ctx, engine, req, source, model_id),
+                    always=lambda: ctx.inflight.load_done(model_id))
 
 
-def _load(server, engine, req, source, model_id):
-    info = _already(server, model_id, source)  # an identical load queued earlier may have done it
+def _load(ctx, engine, req, source, model_id):
+    info = _already(ctx, model_id, source)  # an identical load queued earlier may have done it
     if info is not None:
         return info
-    progress = server.progress_reporter(req, f"Loading {source}")
+    progress = ctx.progress_reporter(req, f"Loading {source}")
     try:
         loaded = models.load(
             source, model_id=model_id,
@@ -64,10 +59,10 @@ def _load(server, engine, req, source, model_id):
     return loaded.info
 
 
-def unload(server, req):
+def unload(ctx, req):
     model_id = req.params["model"]
-    server.check_model(model_id)
-    server.engine.call(req, lambda engine: _unload(engine, model_id))
+    ctx.check_model(model_id)
+    ctx.engine.call(req, lambda engine: _unload(engine, model_id))
     return PENDING
 
 
@@ -80,5 +75,5 @@ def _unload(engine, model_id):
     return {"id": model_id}
 
 
-def list_models(server, req):
-    return {"models": [m.info for m in list(server.engine.models.values())]}
+def list_models(ctx, req):
+    return {"models": [m.info for m in list(ctx.engine.models.values())]}

@@ -3,24 +3,26 @@
 import os
 import time
 
-from .. import PROTOCOL_VERSION, __version__
+from .. import PROTOCOL_VERSION, __version__, constraints
 
 
-def ping(server, req):
+def ping(ctx, req):
     return {}
 
 
-def info(server, req):
-    engine = server.engine
+def info(ctx, req):
+    engine = ctx.engine
     return {
         "server_info": {"name": "mlx-sidecar", "version": __version__},
         "protocol_version": PROTOCOL_VERSION,
         "pid": os.getpid(),
-        "uptime_ms": round((time.monotonic() - server.started_at) * 1000, 1),
-        "framing": server.framing,
+        "uptime_ms": round((time.monotonic() - ctx.started_at) * 1000, 1),
+        "framing": ctx.framing,
         "device": engine.device,
-        "versions": server.versions(),
+        "versions": ctx.versions(),
         "memory": dict(engine.memory),
         "models": [m.info for m in list(engine.models.values())],
-        "in_flight": {"requests": len(server.inflight), "generating": engine.generating, "queued": engine.queued},
+        "structured_output": constraints.capabilities(),
+        "grammar_cache": constraints.cache_info(),
+        "in_flight": {"requests": len(ctx.inflight), "generating": engine.generating, "queued": engine.queued},
     }

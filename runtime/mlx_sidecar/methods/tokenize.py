@@ -12,20 +12,20 @@ def _model(engine, model_id):
     return loaded
 
 
-def tokenize(server, req):
-    server.check_model(req.params["model"])
+def tokenize(ctx, req):
+    ctx.check_model(req.params["model"])
 
     def run(engine):
         loaded = _model(engine, req.params["model"])
         ids, text = prompts.render(loaded.tokenizer, req.params, loaded.id)
         return {"tokens": ids} if text is None else {"tokens": ids, "text": text}
 
-    server.engine.call(req, run)
+    ctx.engine.call(req, run)
     return PENDING
 
 
-def detokenize(server, req):
-    server.check_model(req.params["model"])
+def detokenize(ctx, req):
+    ctx.check_model(req.params["model"])
     tokens = req.params["tokens"]
 
     def run(engine):
@@ -36,5 +36,5 @@ def detokenize(server, req):
                 raise RpcError(INVALID_PARAMS, f"token {t} is outside the vocabulary of {loaded.id!r} (0..{vocab - 1})", path=f"/tokens/{i}")
         return {"text": loaded.tokenizer.decode(tokens)}
 
-    server.engine.call(req, run)
+    ctx.engine.call(req, run)
     return PENDING
