@@ -334,7 +334,7 @@ export class Sidecar extends EventEmitter {
         this.settleWaiters(undefined, error);
         return;
       }
-      const delayMs = Math.round(restartDelay(this.streak, r.initialDelayMs, r.maxDelayMs));
+      const delayMs = restartDelay(this.streak, r.initialDelayMs, r.maxDelayMs);
       await this.sleep(delayMs);
       if (this.state !== "restarting") return;
       let live: Live | undefined;

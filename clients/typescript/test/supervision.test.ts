@@ -15,6 +15,7 @@ import {
   type ExitEvent,
   type RestartEvent,
 } from "mlx-sidecar";
+import { restartDelay } from "#dist/backoff.js";
 import { nextEvent, processExists, python, REPO_DIR, tinyModel, within } from "./helpers.js";
 
 const scratch = mkdtempSync(join(tmpdir(), "mlx-sidecar-ts-sup-"));
@@ -71,6 +72,7 @@ describe("a crash (SIGKILL mid-stream)", { timeout: 60_000 }, () => {
       const [event] = await restarted;
       assert.notEqual(event.pid, pid);
       assert.equal(event.restarts, 1);
+      assert.equal(event.attempt, 1);
       assert.deepEqual(event.models.map((m) => m.id), ["m"]);
       assert.deepEqual(event.failed, []);
       assert.equal(sidecar.pid, event.pid);
@@ -122,6 +124,38 @@ describe("a crash (SIGKILL mid-stream)", { timeout: 60_000 }, () => {
         within(sidecar.request("runtime/ping"), 5000, "the ping"),
         (e: unknown) => e instanceof ProcessExitError && /crashed 5 times within 180 s; giving up/.test(e.message),
       );
+    } finally {
+      await sidecar.close();
+    }
+  });
+});
+
+describe("restart backoff", { timeout: 60_000 }, () => {
+  test("doubles from initialDelayMs to maxDelayMs, spread ±20%", () => {
+    const delays = (random: number) => [1, 2, 3, 4, 5, 6, 7, 12].map((n) => restartDelay(n, 250, 5000, () => random));
+    assert.deepEqual(delays(0.5), [250, 500, 1000, 2000, 4000, 5000, 5000, 5000]);
+    assert.deepEqual(delays(0), [200, 400, 800, 1600, 3200, 4000, 4000, 4000]);
+    assert.deepEqual(delays(1), [300, 600, 1200, 2400, 4800, 6000, 6000, 6000]);
+  });
+
+  test("starts again at initialDelayMs after the runtime stayed up healthyMs", async () => {
+    const sidecar = await Sidecar.start({ autoRestart: { initialDelayMs: 20, maxDelayMs: 1000, healthyMs: 400 } });
+    try {
+      const crash = async () => {
+        const restarted = nextEvent<[RestartEvent]>(sidecar, "restart");
+        process.kill(sidecar.pid!, "SIGKILL");
+        return (await restarted)[0];
+      };
+      const first = await crash();
+      const second = await crash(); // at once: not healthy in between
+      await new Promise((resolve) => setTimeout(resolve, 600));
+      const third = await crash(); // after 600 ms up: healthy
+      assert.deepEqual([first.attempt, second.attempt, third.attempt], [1, 2, 1]);
+      for (const e of [first, second, third]) {
+        const base = 20 * 2 ** (e.attempt - 1);
+        assert.ok(e.delayMs >= Math.floor(0.8 * base) && e.delayMs <= Math.ceil(1.2 * base), `attempt ${e.attempt} waited ${e.delayMs} ms`);
+      }
+      assert.deepEqual(await sidecar.request("runtime/ping"), {});
     } finally {
       await sidecar.close();
     }
