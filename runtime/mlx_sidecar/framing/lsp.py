@@ -39,9 +39,9 @@ class Reader(BaseReader):
             if self._resync_from is not None and not self._resync():
                 return
             # The earliest blank line ends the header block; none within 8 KiB means a bad block.
-            m = _BLANK_LINE.search(buf, max(0, self._scanned - 2), MAX_HEADER_BYTES + 3)
+            m = _BLANK_LINE.search(buf, max(0, self._scanned - 2), MAX_HEADER_BYTES + 4)
             if m is None:
-                if len(buf) >= MAX_HEADER_BYTES + 3:
+                if len(buf) >= MAX_HEADER_BYTES + 4:
                     self._resync_from = 1
                     yield parse_error(f"LSP header block longer than {MAX_HEADER_BYTES} bytes without a blank line; skipped to the next Content-Length")
                     continue
@@ -57,8 +57,8 @@ class Reader(BaseReader):
             if not block.strip():
                 del buf[: m.end()]  # blank lines between frames
                 continue
-            length, problem = _parse_header(block)
-            if length is None:
+            length, problem, trusted = _parse_header(block)
+            if not trusted:
                 self._resync_from = 1
                 yield parse_error(f"bad LSP header ({problem}); skipped to the next Content-Length")
                 continue
@@ -103,12 +103,14 @@ class Reader(BaseReader):
 
 
 def _parse_header(block: bytes):
-    """(content length or None, what is wrong or None). A valid length with another bad line
-    still lets the body be skipped by its size. Empty lines (a stray newline before the header)
-    are ignored."""
+    """(content length or None, what is wrong or None, whether the length can be trusted). A bad
+    line after a valid Content-Length still lets the body be skipped by its size; a bad line
+    before it is taken for garbage ahead of the real header, so the reader resyncs to that
+    header. Empty lines (a stray newline before the header) are ignored."""
     length = None
     problem = None
     conflict = False
+    bad_first = False
     for raw in block.split(b"\n"):
         raw = raw.rstrip(b"\r")
         if not raw.strip():
@@ -116,10 +118,12 @@ def _parse_header(block: bytes):
         name, colon, value = raw.partition(b":")
         if not colon:
             problem = problem or f"line {raw[:40]!r} is not 'Name: value'"
+            bad_first = bad_first or length is None
         elif name.strip().lower() == b"content-length":
             value = value.strip()
             if not value.isdigit():
                 problem = problem or f"Content-Length {value[:20]!r} is not a non-negative integer"
+                bad_first = bad_first or length is None
                 continue
             n = int(value) if len(value) <= 18 else 10**18  # absurd lengths are just "too large"
             conflict = conflict or (length is not None and n != length)
@@ -128,4 +132,4 @@ def _parse_header(block: bytes):
         length, problem = None, "two different Content-Length values"
     if length is None:
         problem = problem or "no Content-Length"
-    return length, problem
+    return length, problem, length is not None and not bad_first

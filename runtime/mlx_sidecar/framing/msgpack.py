@@ -6,8 +6,9 @@ past the limit: a 4 GiB string header with no body is answered at once instead o
 stream. A decoded frame must look like JSON: string map keys, no extension types or timestamps.
 
 Resync policy: after a bad frame the reader answers once, then drops bytes until the next
-plausible request start: a map header (1-15 members) whose first key is "jsonrpc", "id", "method"
-or "params", from which a whole map with a "jsonrpc" member decodes. Only maps restart the
+plausible request start: a map header (2-15 members) whose first key is "jsonrpc", "id", "method"
+or "params" followed by a value of the type that member has, from which a whole map with
+"jsonrpc": "2.0" decodes. Only maps restart the
 stream, so a batch array right after bad bytes is served as its separate requests. A complete
 candidate wins over an earlier one still waiting for bytes, so a garbage header that declares a
 long body cannot hold back the requests behind it. Every step looks at each byte a bounded number
@@ -23,13 +24,21 @@ from . import BaseReader, Frame, parse_error, too_large
 _packer = msgpack.Packer(use_bin_type=True)
 
 _TOO_LARGE = "too large"
-_BAD = "bad"
+_BAD_BYTE = "byte 0xc1 is never used"
+_TOO_DEEP = "nested too deeply"
+_MAX_DEPTH = 1024          # msgpack's own limit
+_RESYNC_MAX_DEPTH = 128    # a candidate nested deeper is taken for garbage (bounds resync work)
 _WHITESPACE = b" \t\r\n"  # between frames, as in detection: skipped
 _MAX_CANDIDATES = 8        # resync: request starts followed at once
+# A map of 2-15 members whose first key is a JSON-RPC member with a value of the right type
+# (fixstr or str8 keys; a str "2.0", an int/str/nil id, a str method, a map/array params).
 _REQUEST_START = re.compile(
-    rb"(?:[\x81-\x8f]|\xde\x00[\x01-\x0f]|\xdf\x00\x00\x00[\x01-\x0f])"
-    rb"(?:\xa7jsonrpc|\xa2id|\xa6method|\xa6params|\xd9\x07jsonrpc|\xd9\x02id|\xd9\x06method|\xd9\x06params)")
-_KEEP = 13  # the longest request start minus one: it may be split across reads
+    rb"(?:[\x82-\x8f]|\xde\x00[\x02-\x0f]|\xdf\x00\x00\x00[\x02-\x0f])"
+    rb"(?:(?:\xa7|\xd9\x07)jsonrpc\xa32\.0"
+    rb"|(?:\xa2|\xd9\x02)id[\x00-\x7f\xa0-\xbf\xc0\xcc-\xd3\xd9-\xdb\xe0-\xff]"
+    rb"|(?:\xa6|\xd9\x06)method[\xa0-\xbf\xd9-\xdb]"
+    rb"|(?:\xa6|\xd9\x06)params[\x80-\x9f\xdc-\xdf])")
+_KEEP = 16  # the longest request start minus one: it may be split across reads
 
 # Header byte -> (header size, bytes of its length field, what the length counts:
 # 0 nothing (fixed size), 1 payload bytes, 2 array items, 3 map pairs). 0xc1 is never used.
@@ -62,8 +71,9 @@ class _Extent:
         self.pos = start
         self.stack = []  # items still expected by each open array/map
 
-    def advance(self, buf, limit: int):
-        """The end offset once complete; _TOO_LARGE or _BAD; None while more bytes are needed."""
+    def advance(self, buf, limit: int, max_depth: int = _MAX_DEPTH):
+        """The end offset once complete; None while more bytes are needed; else a str saying
+        what is wrong (_TOO_LARGE, _BAD_BYTE, _TOO_DEEP)."""
         pos, stack, n = self.pos, self.stack, len(buf)
         end_max = self.start + limit
         while True:
@@ -81,7 +91,7 @@ class _Extent:
             elif b <= 0xbf:
                 size = 1 + (b & 0x1f)
             elif b == 0xc1:
-                return _BAD
+                return _BAD_BYTE
             else:
                 size, width, unit = _HEAD[b]
                 if unit:
@@ -101,6 +111,8 @@ class _Extent:
                 return None
             pos += size
             if count:
+                if len(stack) >= max_depth:
+                    return _TOO_DEEP
                 stack.append(count)
                 continue
             while stack:  # a value ended: so may the containers around it
@@ -152,9 +164,9 @@ class Reader(BaseReader):
                 self._start_resync(1)
                 yield too_large(self._max, "frame (by its declared sizes)")
                 continue
-            if end is _BAD:
+            if isinstance(end, str):
                 self._start_resync(1)
-                yield parse_error("undecodable MessagePack (byte 0xc1 is never used); skipped to the next request")
+                yield parse_error(f"undecodable MessagePack ({end}); skipped to the next request")
                 continue
             try:
                 obj = _unpack(bytes(buf[:end]))
@@ -190,17 +202,17 @@ class Reader(BaseReader):
                 self._searched = m.start() + 1
             waiting = []
             for c in self._candidates:
-                end = c.advance(buf, self._max)
+                end = c.advance(buf, self._max, _RESYNC_MAX_DEPTH)
                 if end is None:
                     waiting.append(c)
                     continue
-                if end is _TOO_LARGE or end is _BAD:
+                if isinstance(end, str):
                     continue
                 try:
                     obj = _unpack(bytes(buf[c.start:end]))
                 except Exception:
                     continue
-                if isinstance(obj, dict) and "jsonrpc" in obj:
+                if isinstance(obj, dict) and obj.get("jsonrpc") == "2.0":
                     del buf[:end]
                     self._candidates = None
                     self._frame = _Extent(0)
