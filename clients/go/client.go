@@ -55,6 +55,15 @@ type Options struct {
 	// CancelGrace is how long a cancelled Stream waits for the runtime's answer (which
 	// carries the text so far and usage) before it gives up on it (default 2 s).
 	CancelGrace time.Duration
+	// StreamBuffer bounds the chunks one Stream holds that its reader has not taken yet
+	// (default 64). When a stream's buffer is full the client stops reading the runtime's
+	// output until that reader takes a chunk, so the runtime pauses generating (every
+	// request's answers wait meanwhile). StallTimeout bounds that wait: when the reader takes
+	// no chunk for that long, the stream is cancelled and ends with ErrStreamStalled (as the
+	// cause of a *GenerateError carrying the whole text so far) and reading resumes
+	// (default 30 s; negative: wait as long as it takes).
+	StreamBuffer int
+	StallTimeout time.Duration
 	// StderrTailBytes is how much of the end of stderr is kept for *ExitError (default 8 KiB).
 	StderrTailBytes int
 	// MaxFrameBytes bounds one incoming frame (default DefaultMaxFrameBytes).
@@ -82,6 +91,12 @@ func (o Options) withDefaults() (Options, error) {
 	}
 	if o.CancelGrace <= 0 {
 		o.CancelGrace = 2 * time.Second
+	}
+	if o.StreamBuffer <= 0 {
+		o.StreamBuffer = 64
+	}
+	if o.StallTimeout == 0 {
+		o.StallTimeout = 30 * time.Second
 	}
 	if o.StderrTailBytes <= 0 {
 		o.StderrTailBytes = 8 << 10
@@ -114,7 +129,7 @@ type Client struct {
 	changed chan struct{} // closed and replaced whenever cur, dead or closing change
 	dead    error         // why calls fail now that no process will come back
 	closing bool
-	crashes []time.Time
+	crashes crashRecord
 	loads   []loadRecord
 
 	closeOnce sync.Once

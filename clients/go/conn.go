@@ -16,6 +16,7 @@ import (
 	"runtime"
 	"strconv"
 	"sync"
+	"time"
 )
 
 // call is one request waiting for its response.
@@ -45,6 +46,7 @@ type conn struct {
 	stderr  *os.File
 	tail    *tailBuffer
 	init    *InitializeResult // set by spawn before the conn is shared
+	readyAt time.Time         // when it answered initialize, for the restart policy
 
 	// Outgoing frames wait in wbuf until the writer goroutine takes them all.
 	wmu     sync.Mutex
@@ -62,6 +64,7 @@ type conn struct {
 	readDone   chan struct{}
 	stderrDone chan struct{}
 	writeDone  chan struct{}
+	procExited chan struct{} // closed as soon as the process has been waited for
 	exited     chan struct{} // closed after the death has been handled; exitErr is set
 	exitErr    *ExitError
 }
@@ -81,6 +84,7 @@ func newConn(cl *Client, cmd *exec.Cmd, stdin, stdout, stderr *os.File) *conn {
 		readDone:   make(chan struct{}),
 		stderrDone: make(chan struct{}),
 		writeDone:  make(chan struct{}),
+		procExited: make(chan struct{}),
 		exited:     make(chan struct{}),
 	}
 }
@@ -96,6 +100,11 @@ func (c *conn) isDead() bool {
 // start registers a request and queues it for writing.
 func (c *conn) start(method string, params json.RawMessage, st *Stream) (*call, error) {
 	k := &call{id: c.cl.nextID.Add(1), method: method, done: make(chan struct{}), stream: st}
+	if st != nil {
+		st.mu.Lock()
+		st.call = k // before the reader or Close can find it
+		st.mu.Unlock()
+	}
 	c.mu.Lock()
 	if c.dead {
 		err := c.failErr
@@ -345,7 +354,7 @@ func (c *conn) notification(method string, params json.RawMessage) {
 		k := c.pending[id]
 		c.mu.Unlock()
 		if k != nil && k.stream != nil {
-			k.stream.push(ch)
+			k.stream.push(ch, c.procExited)
 		}
 	case "$/progress":
 		if f := c.cl.opts.OnProgress; f != nil {

@@ -20,6 +20,10 @@ var (
 	// restart policy has given up.
 	ErrTooManyCrashes = errors.New("sidecar: runtime crashed too often; not restarting it")
 
+	// ErrStreamStalled is the cause of the *GenerateError of a stream that was cancelled
+	// because its reader took no chunk within Options.StallTimeout while its buffer was full.
+	ErrStreamStalled = errors.New("sidecar: stream cancelled: its reader took no chunk within the stall timeout")
+
 	// ErrRuntimeNotFound is returned by DefaultCommand (and so by Start) when no runtime can be
 	// found to run.
 	ErrRuntimeNotFound = errors.New("sidecar: runtime not found")
@@ -153,8 +157,10 @@ type GenerateError struct {
 	// FinishReason is data.finish_reason ("cancelled", "model_unloaded", ...) when the runtime
 	// answered; empty otherwise.
 	FinishReason string
-	// Cause is the context's error (context.Canceled or context.DeadlineExceeded) when the
-	// caller cancelled, else nil.
+	// Cause is why the client cut the stream short: the context's error (context.Canceled or
+	// context.DeadlineExceeded; Stream.Cancel is context.Canceled), ErrClosed when Close
+	// cancelled it, ErrStreamStalled when its reader fell behind for Options.StallTimeout;
+	// nil when the runtime ended it on its own.
 	Cause error
 	// Err is the runtime's answer (*RPCError) or the reason no answer came (*ExitError,
 	// ErrClosed); nil when the runtime did not answer within Options.CancelGrace.

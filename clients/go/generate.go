@@ -37,17 +37,17 @@ func (cl *Client) Generate(ctx context.Context, p *GenerateParams) (*Stream, err
 		ctx:       ctx,
 		conn:      c,
 		grace:     cl.opts.CancelGrace,
+		max:       cl.opts.StreamBuffer,
+		stall:     cl.opts.StallTimeout,
 		sig:       make(chan struct{}, 1),
-		cancelled: make(chan struct{}),
+		room:      make(chan struct{}, 1),
 	}
-	k, err := c.start("generate", raw, s)
-	if err != nil {
+	if _, err := c.start("generate", raw, s); err != nil {
 		return nil, err
 	}
-	s.mu.Lock()
-	s.call = k
+	s.mu.Lock() // s.call was set by start
 	if !s.responded {
-		s.stopAfter = context.AfterFunc(ctx, s.sendCancel)
+		s.stopAfter = context.AfterFunc(ctx, func() { s.setCause(ctx.Err()) })
 	}
 	s.mu.Unlock()
 	return s, nil
@@ -55,22 +55,29 @@ func (cl *Client) Generate(ctx context.Context, p *GenerateParams) (*Stream, err
 
 // Stream is one generation in progress. Read it with Chunks, then Result; or with Result
 // alone. It is meant to be read by one goroutine; Cancel may be called from any.
+//
+// A stream holds at most Options.StreamBuffer chunks that its reader has not taken. While
+// that buffer is full the client stops reading the runtime's output (so the runtime pauses
+// generating); after Options.StallTimeout without the reader taking a chunk, the stream is
+// cancelled and ends with a *GenerateError whose cause is ErrStreamStalled.
 type Stream struct {
 	ctx       context.Context
 	conn      *conn
 	grace     time.Duration
-	sig       chan struct{} // a chunk arrived
-	cancelled chan struct{} // closed by Cancel
-	once      sync.Once
+	max       int           // chunks buffered at most
+	stall     time.Duration // how long a full buffer may hold up the reader
+	sig       chan struct{} // a chunk arrived, or the stream was cancelled
+	room      chan struct{} // the reader took a chunk, or the stream stopped buffering
 
 	mu         sync.Mutex
 	call       *call
 	stopAfter  func() bool // stops the context.AfterFunc
-	queue      []Chunk     // received, not yet yielded
+	queue      []Chunk     // received, not yet yielded; at most max, until the process exits
+	highWater  int         // the most chunks queue has held
 	text       strings.Builder
 	responded  bool  // the runtime answered (or the process died)
 	cancelSent bool  // $/cancelRequest was sent
-	cause      error // why the caller cancelled: ctx's error, or context.Canceled for Cancel
+	cause      error // why the stream was cut short: ctx's error, context.Canceled (Cancel), ErrClosed, ErrStreamStalled
 	ended      bool
 	res        *GenerateResult
 	err        error
@@ -119,8 +126,7 @@ func (s *Stream) Result() (*GenerateResult, error) {
 // context is cancelled, with a *GenerateError that wraps context.Canceled. Cancelling a
 // finished generation does nothing.
 func (s *Stream) Cancel() {
-	s.once.Do(func() { close(s.cancelled) })
-	s.sendCancel()
+	s.setCause(context.Canceled)
 }
 
 func (s *Stream) final() (*GenerateResult, error) {
@@ -141,16 +147,52 @@ func (s *Stream) sendCancel() {
 	s.conn.cancelRequest(id)
 }
 
-// push and answered are called by the conn's reader.
-func (s *Stream) push(ch Chunk) {
+// push and answered are called by the conn's reader. push queues a chunk and, when that
+// fills the buffer, blocks the reader until the stream's reader takes one, the stream stops
+// buffering (cancelled, ended), the process exits (what is left in the pipe is then read
+// without the bound) or the stall timeout cuts the stream short.
+func (s *Stream) push(ch Chunk, exited <-chan struct{}) {
 	s.mu.Lock()
 	s.text.WriteString(ch.Text)
-	if !s.ended {
-		s.queue = append(s.queue, ch)
+	if s.ended || s.cause != nil {
+		s.mu.Unlock()
+		return // no longer buffering: the text is kept for the error
 	}
+	s.queue = append(s.queue, ch)
+	s.highWater = max(s.highWater, len(s.queue))
 	s.mu.Unlock()
+	notify(s.sig)
+
+	var stall <-chan time.Time
+	for {
+		s.mu.Lock()
+		full := len(s.queue) >= s.max && !s.ended && s.cause == nil
+		s.mu.Unlock()
+		if !full {
+			return
+		}
+		if stall == nil && s.stall > 0 {
+			t := time.NewTimer(s.stall)
+			defer t.Stop()
+			stall = t.C
+		}
+		select {
+		case <-s.room:
+		case <-exited:
+			return
+		case <-stall:
+			s.conn.cl.log.Warn("sidecar: a stream's reader took no chunk within the stall timeout; cancelling it",
+				"id", ch.ID, "buffered", s.max, "stall", s.stall)
+			s.setCause(ErrStreamStalled)
+			return
+		}
+	}
+}
+
+// notify wakes whoever waits on a one-slot signal channel.
+func notify(ch chan struct{}) {
 	select {
-	case s.sig <- struct{}{}:
+	case ch <- struct{}{}:
 	default:
 	}
 }
@@ -170,6 +212,9 @@ func (s *Stream) answered() {
 // is then set).
 func (s *Stream) next() (Chunk, bool) {
 	for {
+		if err := s.ctx.Err(); err != nil {
+			s.setCause(err) // no chunk is yielded once the context has ended
+		}
 		s.mu.Lock()
 		if s.ended {
 			s.mu.Unlock()
@@ -180,6 +225,7 @@ func (s *Stream) next() (Chunk, bool) {
 			s.queue[0] = Chunk{}
 			s.queue = s.queue[1:]
 			s.mu.Unlock()
+			notify(s.room)
 			return ch, true
 		}
 		cause := s.cause
@@ -203,18 +249,21 @@ func (s *Stream) next() (Chunk, bool) {
 			}
 		case <-s.ctx.Done():
 			s.setCause(s.ctx.Err())
-		case <-s.cancelled:
-			s.setCause(context.Canceled)
 		}
 	}
 }
 
+// setCause cuts the stream short: it stops buffering (dropping unread chunks; their text is
+// kept), sends $/cancelRequest and wakes both the stream's reader and a blocked push.
 func (s *Stream) setCause(err error) {
 	s.mu.Lock()
 	if s.cause == nil {
 		s.cause = err
+		s.queue = nil
 	}
 	s.mu.Unlock()
+	notify(s.sig)
+	notify(s.room)
 	s.sendCancel()
 }
 
@@ -240,6 +289,7 @@ func (s *Stream) end() {
 	}
 	s.ended = true
 	s.queue = nil
+	notify(s.room)
 	if s.stopAfter != nil {
 		s.stopAfter()
 		s.stopAfter = nil

@@ -9,54 +9,58 @@ import (
 
 func TestRestartPolicyDecide(t *testing.T) {
 	p := (&RestartPolicy{}).withDefaults()
-	if p.MaxCrashes != 5 || p.Window != 180*time.Second {
+	if p.MaxCrashes != 5 || p.Window != 180*time.Second || p.MinBackoff != 250*time.Millisecond ||
+		p.MaxBackoff != 5*time.Second || p.Jitter != 0.2 || p.HealthyAfter != 30*time.Second {
 		t.Fatalf("defaults: %+v", p)
 	}
+	type crash struct {
+		at     time.Duration // since t0
+		uptime time.Duration // of the process that crashed
+		rnd    float64       // picks the jitter: 0.5 is none
+		delay  time.Duration // want; -1: give up
+	}
+	ms := time.Millisecond
+	s := time.Second
+	cases := []struct {
+		name    string
+		policy  RestartPolicy
+		crashes []crash
+	}{
+		{"doubling, then giving up at the fifth crash within the window", RestartPolicy{}, []crash{
+			{0, s, 0.5, 250 * ms}, {s, s, 0.5, 500 * ms}, {2 * s, s, 0.5, s}, {3 * s, s, 0.5, 2 * s}, {100 * s, s, 0.5, -1},
+		}},
+		{"capped at MaxBackoff", RestartPolicy{MaxCrashes: 100}, []crash{
+			{0, 0, 0.5, 250 * ms}, {0, 0, 0.5, 500 * ms}, {0, 0, 0.5, s}, {0, 0, 0.5, 2 * s}, {0, 0, 0.5, 4 * s}, {0, 0, 0.5, 5 * s}, {0, 0, 0.5, 5 * s},
+		}},
+		{"a process that ran 30 s starts the backoff over", RestartPolicy{MaxCrashes: 100}, []crash{
+			{0, 0, 0.5, 250 * ms}, {s, 0, 0.5, 500 * ms}, {2 * s, 29 * s, 0.5, s}, {40 * s, 30 * s, 0.5, 250 * ms}, {41 * s, 0, 0.5, 500 * ms},
+		}},
+		{"crashes older than the window are forgotten", RestartPolicy{}, []crash{
+			{0, 0, 0.5, 250 * ms}, {s, 0, 0.5, 500 * ms}, {2 * s, 0, 0.5, s}, {3 * s, 0, 0.5, 2 * s}, {180*s + 500*ms, 0, 0.5, 4 * s}, {180*s + 800*ms, 0, 0.5, -1},
+		}},
+		{"jitter spreads each wait by 20%", RestartPolicy{MaxCrashes: 100}, []crash{
+			{0, 0, 0, 200 * ms}, {0, 0, 0.75, 550 * ms}, {0, 0, 0.25, 900 * ms},
+		}},
+		{"no jitter", RestartPolicy{MaxCrashes: 100, Jitter: -1}, []crash{
+			{0, 0, 0, 250 * ms}, {0, 0, 0.99, 500 * ms},
+		}},
+		{"custom backoff", RestartPolicy{MaxCrashes: 100, MinBackoff: s, MaxBackoff: 3 * s, Jitter: -1}, []crash{
+			{0, 0, 0, s}, {0, 0, 0, 2 * s}, {0, 0, 0, 3 * s}, {0, 0, 0, 3 * s},
+		}},
+	}
 	t0 := time.Unix(1000, 0)
-	var crashes []time.Time
-	var delays []time.Duration
-	for i := 0; i < 4; i++ {
-		var delay time.Duration
-		var giveUp bool
-		crashes, delay, giveUp = p.decide(crashes, t0.Add(time.Duration(i)*time.Second))
-		if giveUp {
-			t.Fatalf("gave up after %d crashes", i+1)
-		}
-		delays = append(delays, delay)
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			p := tc.policy.withDefaults()
+			var r crashRecord
+			for i, c := range tc.crashes {
+				delay, giveUp := p.decide(&r, t0.Add(c.at), c.uptime, c.rnd)
+				if giveUp != (c.delay < 0) || (!giveUp && delay != c.delay) {
+					t.Fatalf("crash %d: delay %v, give up %v; want %v", i+1, delay, giveUp, c.delay)
+				}
+			}
+		})
 	}
-	if want := []time.Duration{100, 200, 400, 800}; !equalDurations(delays, want, time.Millisecond) {
-		t.Errorf("backoff %v, want %v ms", delays, want)
-	}
-	// The fifth crash within 180 s gives up.
-	if _, _, giveUp := p.decide(crashes, t0.Add(100*time.Second)); !giveUp {
-		t.Error("did not give up at the fifth crash within the window")
-	}
-	// A fifth crash after the first ones left the window does not.
-	recent, delay, giveUp := p.decide(crashes, t0.Add(181*time.Second+500*time.Millisecond))
-	if giveUp || len(recent) != 3 || delay != 400*time.Millisecond {
-		t.Errorf("after the window: %d recent, %v, give up %v", len(recent), delay, giveUp)
-	}
-	// The backoff stops growing at MaxBackoff.
-	q := (&RestartPolicy{MaxCrashes: 100, MinBackoff: time.Second, MaxBackoff: 3 * time.Second}).withDefaults()
-	crashes = nil
-	for i := 0; i < 10; i++ {
-		crashes, delay, _ = q.decide(crashes, t0)
-	}
-	if delay != 3*time.Second {
-		t.Errorf("capped backoff: %v", delay)
-	}
-}
-
-func equalDurations(got []time.Duration, want []time.Duration, unit time.Duration) bool {
-	if len(got) != len(want) {
-		return false
-	}
-	for i := range got {
-		if got[i] != want[i]*unit {
-			return false
-		}
-	}
-	return true
 }
 
 func TestTailBuffer(t *testing.T) {

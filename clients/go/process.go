@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -107,6 +108,7 @@ func (cl *Client) spawn(ctx context.Context) (*conn, error) {
 		var res InitializeResult
 		if err = json.Unmarshal(raw, &res); err == nil {
 			c.init = &res
+			c.readyAt = time.Now()
 			return c, nil
 		}
 	}
@@ -183,6 +185,7 @@ func trimCR(b []byte) []byte {
 func (c *conn) waitLoop() {
 	defer c.cl.wg.Done()
 	waitErr := c.cmd.Wait()
+	close(c.procExited) // a reader blocked on a full stream buffer reads on, unbounded
 	drain(c.readDone, c.stdout)
 	drain(c.stderrDone, c.stderr)
 	c.closeStdin()
@@ -243,11 +246,12 @@ func isPlainExit(err error) bool {
 	return errors.As(err, &xe)
 }
 
-// shutdown ends the process politely, then less so: it cancels what is in flight, sends
-// shutdown and waits for its answer, sends exit, closes stdin and waits for the process to
-// exit, all within Options.ShutdownTimeout; then SIGTERM, Options.TermTimeout; then SIGKILL.
-// It returns nil when the process exits with status 0 without a signal, and nil when it was
-// already gone.
+// shutdown ends the process politely, then less so: it cancels the generate requests in
+// flight and waits up to Options.CancelGrace for their answers (other calls are left to
+// finish: the runtime answers shutdown after them), sends shutdown and waits for its answer,
+// sends exit, closes stdin and waits for the process to exit, all within
+// Options.ShutdownTimeout; then SIGTERM, Options.TermTimeout; then SIGKILL. It returns nil
+// when the process exits with status 0 without a signal, and nil when it was already gone.
 func (c *conn) shutdown() error {
 	o := &c.cl.opts
 	c.mu.Lock()
@@ -256,16 +260,34 @@ func (c *conn) shutdown() error {
 		return nil
 	}
 	c.closing = true
-	ids := make([]int64, 0, len(c.pending))
-	for id := range c.pending {
-		ids = append(ids, id)
+	var gens []*call
+	for _, k := range c.pending {
+		if k.method == "generate" {
+			gens = append(gens, k)
+		}
 	}
 	c.mu.Unlock()
-	for _, id := range ids {
-		c.cancelRequest(id)
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), o.ShutdownTimeout)
 	defer cancel()
+	for _, k := range gens {
+		if k.stream != nil {
+			k.stream.setCause(ErrClosed)
+		} else {
+			c.cancelRequest(k.id) // a generate sent through Call
+		}
+	}
+	grace := time.NewTimer(o.CancelGrace)
+	defer grace.Stop()
+wait:
+	for _, k := range gens {
+		select {
+		case <-k.done:
+		case <-grace.C:
+			break wait
+		case <-ctx.Done():
+			break wait
+		}
+	}
 	if _, err := c.call(ctx, "shutdown", nil); err != nil {
 		c.cl.log.Debug("sidecar: shutdown was not answered", "pid", c.pid, "err", err)
 	}
@@ -323,15 +345,25 @@ func (t *tailBuffer) String() string {
 // RestartPolicy makes the client restart a runtime that crashed, re-loading the models that
 // were loaded through it (with the params of their successful model/load). Calls made while
 // it restarts wait for it. Calls pending when it crashed fail with the *ExitError.
+//
+// The wait before restart n is d = MinBackoff * 2^(n-1), at most MaxBackoff, times a random
+// factor in [1-Jitter, 1+Jitter], where n counts the crashes since a process last stayed up
+// HealthyAfter: 250 ms, 500 ms, 1 s, 2 s, 4 s, 5 s, ... by default, back to 250 ms after a
+// process that ran 30 s.
 type RestartPolicy struct {
 	// MaxCrashes within Window make the client give up: default 5 crashes in 180 s. After
 	// giving up every call fails with an error wrapping ErrTooManyCrashes and the last *ExitError.
 	MaxCrashes int
 	Window     time.Duration
-	// The first restart waits MinBackoff (default 100 ms); each further crash within Window
-	// doubles the wait, up to MaxBackoff (default 10 s).
+	// MinBackoff is the first wait (default 250 ms); each further crash doubles it, up to
+	// MaxBackoff (default 5 s).
 	MinBackoff time.Duration
 	MaxBackoff time.Duration
+	// Jitter is the random spread of each wait, a fraction of it (default 0.2; negative: none).
+	Jitter float64
+	// HealthyAfter is how long a process must run for its crash to start the backoff over
+	// (default 30 s).
+	HealthyAfter time.Duration
 }
 
 func (p *RestartPolicy) withDefaults() *RestartPolicy {
@@ -343,45 +375,67 @@ func (p *RestartPolicy) withDefaults() *RestartPolicy {
 		q.Window = 180 * time.Second
 	}
 	if q.MinBackoff <= 0 {
-		q.MinBackoff = 100 * time.Millisecond
+		q.MinBackoff = 250 * time.Millisecond
 	}
 	if q.MaxBackoff <= 0 {
-		q.MaxBackoff = 10 * time.Second
+		q.MaxBackoff = 5 * time.Second
 	}
 	if q.MaxBackoff < q.MinBackoff {
 		q.MaxBackoff = q.MinBackoff
 	}
+	switch {
+	case q.Jitter == 0:
+		q.Jitter = 0.2
+	case q.Jitter < 0:
+		q.Jitter = 0
+	case q.Jitter > 1:
+		q.Jitter = 1
+	}
+	if q.HealthyAfter <= 0 {
+		q.HealthyAfter = 30 * time.Second
+	}
 	return &q
 }
 
-// decide records a crash at now: it returns the crashes still within the window (now
-// included), how long to wait before restarting, and whether to give up instead.
-func (p *RestartPolicy) decide(crashes []time.Time, now time.Time) (recent []time.Time, delay time.Duration, giveUp bool) {
-	for _, t := range crashes {
+// crashRecord is what the restart policy remembers of past crashes.
+type crashRecord struct {
+	times  []time.Time // crashes within the window
+	streak int         // crashes since a process last ran HealthyAfter
+}
+
+// decide records a crash at now of a process that had run for uptime (0 when it never
+// started). It returns how long to wait before restarting, or giveUp. rnd, in [0, 1), picks
+// the jitter.
+func (p *RestartPolicy) decide(r *crashRecord, now time.Time, uptime time.Duration, rnd float64) (delay time.Duration, giveUp bool) {
+	recent := r.times[:0]
+	for _, t := range r.times {
 		if now.Sub(t) < p.Window {
 			recent = append(recent, t)
 		}
 	}
-	recent = append(recent, now)
-	if len(recent) >= p.MaxCrashes {
-		return recent, 0, true
+	r.times = append(recent, now)
+	if uptime >= p.HealthyAfter {
+		r.streak = 0
+	}
+	r.streak++
+	if len(r.times) >= p.MaxCrashes {
+		return 0, true
 	}
 	delay = p.MinBackoff
-	for i := 1; i < len(recent) && delay < p.MaxBackoff; i++ {
+	for i := 1; i < r.streak && delay < p.MaxBackoff; i++ {
 		delay *= 2
 	}
-	return recent, min(delay, p.MaxBackoff), false
+	delay = min(delay, p.MaxBackoff)
+	return time.Duration(float64(delay) * (1 + p.Jitter*(2*rnd-1))), false
 }
 
-// crashLocked records a crash; it returns the wait before the next start, or gives up
-// (setting cl.dead) and returns false. cl.mu is held.
-func (cl *Client) crashLocked(ee *ExitError) (time.Duration, bool) {
-	var delay time.Duration
-	var giveUp bool
-	cl.crashes, delay, giveUp = cl.opts.Restart.decide(cl.crashes, time.Now())
+// crashLocked records a crash of a process that had run for uptime; it returns the wait
+// before the next start, or gives up (setting cl.dead) and returns false. cl.mu is held.
+func (cl *Client) crashLocked(ee *ExitError, uptime time.Duration) (time.Duration, bool) {
+	delay, giveUp := cl.opts.Restart.decide(&cl.crashes, time.Now(), uptime, rand.Float64())
 	if giveUp {
 		cl.dead = fmt.Errorf("%w: %w", ErrTooManyCrashes, ee)
-		cl.log.Error("sidecar: the runtime crashed too often; giving up", "crashes", len(cl.crashes), "window", cl.opts.Restart.Window, "err", ee)
+		cl.log.Error("sidecar: the runtime crashed too often; giving up", "crashes", len(cl.crashes.times), "window", cl.opts.Restart.Window, "err", ee)
 		return 0, false
 	}
 	cl.log.Warn("sidecar: the runtime crashed; restarting it", "in", delay, "err", ee)
@@ -404,7 +458,7 @@ func (cl *Client) connDied(c *conn) {
 		cl.dead = c.exitErr
 		return
 	}
-	if delay, ok := cl.crashLocked(c.exitErr); ok {
+	if delay, ok := cl.crashLocked(c.exitErr, time.Since(c.readyAt)); ok {
 		cl.wg.Add(1) // safe: the calling waitLoop is counted too
 		go cl.restartLoop(delay)
 	}
@@ -451,7 +505,7 @@ func (cl *Client) restartLoop(delay time.Duration) {
 			ee = &ExitError{Code: -1, Err: err}
 		}
 		var ok bool
-		delay, ok = cl.crashLocked(ee)
+		delay, ok = cl.crashLocked(ee, 0)
 		if !ok {
 			cl.broadcastLocked()
 			cl.mu.Unlock()

@@ -136,7 +136,7 @@ func TestCloseConcurrent(t *testing.T) {
 	// The stream ended with Close's cancellation.
 	err = <-streamErr
 	var rpc *sidecar.RPCError
-	if !errors.As(err, &rpc) || rpc.Code != sidecar.CodeCancelled {
+	if !errors.As(err, &rpc) || rpc.Code != sidecar.CodeCancelled || !errors.Is(err, sidecar.ErrClosed) {
 		t.Errorf("stream in flight during Close: %v", err)
 	}
 	for _, call := range []func() error{

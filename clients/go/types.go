@@ -110,6 +110,25 @@ type Capabilities struct {
 	Device        Device   `json:"device"`
 	Versions      Versions `json:"versions"`
 	Limits        Limits   `json:"limits"`
+	// StructuredOutput says what GenerateParams.ResponseFormat supports.
+	StructuredOutput StructuredOutput `json:"structured_output"`
+}
+
+// StructuredOutput lists the response formats, grammar syntaxes, JSON Schema keywords and
+// string formats the runtime enforces; anything else is refused with CodeInvalidParams.
+type StructuredOutput struct {
+	ResponseFormats    []string `json:"response_formats"`
+	GrammarSyntaxes    []string `json:"grammar_syntaxes"`
+	JSONSchemaKeywords []string `json:"json_schema_keywords"`
+	StringFormats      []string `json:"string_formats"`
+}
+
+// GrammarCache counts compiled response formats kept per (model, format).
+type GrammarCache struct {
+	Entries  int `json:"entries"`
+	Capacity int `json:"capacity"`
+	Hits     int `json:"hits"`
+	Misses   int `json:"misses"`
 }
 
 // Limits are the runtime's limits.
@@ -163,16 +182,18 @@ type ModelListParams struct{}
 
 // RuntimeInfo is the result of runtime/info.
 type RuntimeInfo struct {
-	ServerInfo      ServerInfo  `json:"server_info"`
-	ProtocolVersion string      `json:"protocol_version"`
-	PID             int         `json:"pid"`
-	UptimeMS        float64     `json:"uptime_ms"`
-	Framing         string      `json:"framing"`
-	Device          Device      `json:"device"`
-	Versions        Versions    `json:"versions"`
-	Memory          Memory      `json:"memory"`
-	Models          []ModelInfo `json:"models"`
-	InFlight        InFlight    `json:"in_flight"`
+	ServerInfo       ServerInfo       `json:"server_info"`
+	ProtocolVersion  string           `json:"protocol_version"`
+	PID              int              `json:"pid"`
+	UptimeMS         float64          `json:"uptime_ms"`
+	Framing          string           `json:"framing"`
+	Device           Device           `json:"device"`
+	Versions         Versions         `json:"versions"`
+	Memory           Memory           `json:"memory"`
+	Models           []ModelInfo      `json:"models"`
+	InFlight         InFlight         `json:"in_flight"`
+	StructuredOutput StructuredOutput `json:"structured_output"`
+	GrammarCache     GrammarCache     `json:"grammar_cache"`
 }
 
 // Memory is the runtime's memory use.
@@ -271,6 +292,27 @@ type GenerateParams struct {
 	// Stream defaults to true: generate/chunk notifications are sent while generating.
 	Stream        *bool          `json:"stream,omitempty"`
 	StreamOptions *StreamOptions `json:"stream_options,omitempty"`
+	// ResponseFormat holds the text to a JSON Schema, any JSON object, a regex or a grammar at
+	// every token; see JSONSchemaFormat, JSONObjectFormat, RegexFormat and GrammarFormat.
+	ResponseFormat *ResponseFormat `json:"response_format,omitempty"`
+}
+
+// ResponseFormat is OpenAI's response_format, plus "regex" and "grammar" (Lark). Type is
+// "json_schema" (with JSONSchema), "json_object", "regex" (with Pattern) or "grammar" (with Grammar).
+type ResponseFormat struct {
+	Type       string          `json:"type"`
+	JSONSchema *JSONSchemaSpec `json:"json_schema,omitempty"`
+	Pattern    string          `json:"pattern,omitempty"`
+	Grammar    string          `json:"grammar,omitempty"`
+	Syntax     string          `json:"syntax,omitempty"` // "lark" (the default)
+}
+
+// JSONSchemaSpec is a named JSON Schema (2020-12); Strict is accepted and always in force.
+type JSONSchemaSpec struct {
+	Name        string         `json:"name,omitempty"`
+	Description string         `json:"description,omitempty"`
+	Schema      map[string]any `json:"schema"`
+	Strict      *bool          `json:"strict,omitempty"`
 }
 
 // StreamOptions tune how generated tokens are grouped into chunks.
@@ -315,6 +357,11 @@ type GenerateResult struct {
 	Usage        Usage   `json:"usage"`
 	Timings      Timings `json:"timings"`
 	Model        string  `json:"model"`
+	// FormatComplete is set with a ResponseFormat: true when the format ended the text, which
+	// then matches it; false after max_tokens, a stop string or a content stop token.
+	FormatComplete *bool `json:"format_complete,omitempty"`
+	// Parsed is the JSON value of Text for JSON formats when FormatComplete; "null" otherwise.
+	Parsed json.RawMessage `json:"parsed,omitempty"`
 }
 
 // Usage counts tokens.
