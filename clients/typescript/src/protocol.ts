@@ -50,6 +50,45 @@ export interface Message {
   tool_call_id?: string;
 }
 
+/** Holds the generated text to a format at every token (structured output); the shapes of OpenAI's response_format where OpenAI has one. Checked before any compute: a schema, regex or grammar that cannot be enforced is refused with -32602 and data.path. */
+export type ResponseFormat = {
+  type: "json_schema";
+  json_schema: {
+    /** A name for the schema (OpenAI's shape); not used. */
+    name?: string;
+    description?: string;
+    /** A JSON Schema (2020-12). Only the keywords and string formats listed in capabilities.structured_output are allowed; any other JSON Schema keyword is refused, never ignored. */
+    schema: {
+      [key: string]: unknown;
+    };
+    /** Accepted for OpenAI compatibility; the schema is always enforced. */
+    strict?: boolean;
+  };
+} | {
+  /** Any JSON object. */
+  type: "json_object";
+} | {
+  type: "regex";
+  /** The whole output full-matches it (Rust regex syntax: no lookaround or backreferences). */
+  pattern: string;
+} | {
+  type: "grammar";
+  /** A context-free grammar; docs/xml-grammar.lark is an example. */
+  grammar: string;
+  /** Default lark (llguidance's Lark dialect). */
+  syntax?: "lark";
+};
+
+/** What response_format supports. */
+export interface StructuredOutput {
+  response_formats: string[];
+  grammar_syntaxes: string[];
+  /** JSON Schema keywords that are enforced (or are annotations); others are refused. */
+  json_schema_keywords: string[];
+  /** Values of the format keyword that are enforced. */
+  string_formats: string[];
+}
+
 export interface Usage {
   prompt_tokens: number;
   completion_tokens: number;
@@ -149,6 +188,7 @@ export interface InitializeResult {
       max_stop_strings?: number;
       [key: string]: unknown;
     };
+    structured_output: StructuredOutput;
   };
 }
 
@@ -173,6 +213,14 @@ export interface RuntimeInfoResult {
   versions: Versions;
   memory: Memory;
   models: ModelInfo[];
+  structured_output: StructuredOutput;
+  /** Compiled response_format grammars kept per (model, format). */
+  grammar_cache: {
+    entries: number;
+    capacity: number;
+    hits: number;
+    misses: number;
+  };
   in_flight: {
     requests: number;
     generating: number;
@@ -210,12 +258,12 @@ export interface ModelListResult {
 export type GenerateParams = {
   /** The id of a loaded model. */
   model: string;
-  /** Default 256, and never past the model's context. */
+  /** Default 256, at most 1048576, and never past the model's context. */
   max_tokens?: number;
   /** Default 1.0; 0 is greedy. */
   temperature?: number;
   top_p?: number;
-  /** 0 turns it off. */
+  /** 0 turns it off; at most the model's vocabulary size (checked when the model is known). */
   top_k?: number;
   min_p?: number;
   /** 1 turns it off. */
@@ -228,13 +276,15 @@ export type GenerateParams = {
   };
   stop?: string | string[];
   stop_token_ids?: TokenIds;
+  /** Any 64-bit integer (signed or unsigned); the same seed gives the same text alone or in a batch. */
   seed?: number;
+  response_format?: ResponseFormat;
   /** Default true: send generate/chunk notifications. */
   stream?: boolean;
   stream_options?: {
     /** Tokens per chunk after the first; default by model size. */
     chunk_tokens?: number;
-    /** Longest a generated token waits before it is sent; default 20. */
+    /** Longest a generated token waits before it is sent, 0 to 60000; default 20. */
     max_latency_ms?: number;
   };
 } & ({
@@ -253,6 +303,12 @@ export interface GenerateResult {
   usage: Usage;
   timings: Timings;
   model: string;
+  /** Only with a response_format: true when the format itself ended the text (it is complete and valid). False after max_tokens (finish_reason length), after a stop string cut it, or after a stop_token_ids token the grammar allowed as content. */
+  format_complete?: boolean;
+  /** Only with a json_schema or json_object response_format: the JSON value of text when format_complete is true, else null (the text was cut). */
+  parsed?: null | {
+    [key: string]: unknown;
+  } | unknown[] | string | number | boolean;
 }
 
 export type TokenizeParams = {
