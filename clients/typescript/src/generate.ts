@@ -37,6 +37,7 @@ export class GenerateStream implements AsyncIterable<GenerateChunk> {
   private iterationError: Error | undefined;
   private connection: Connection | undefined;
   private detachSignal: (() => void) | undefined;
+  private iterating = false; // the consumer asked for a chunk at least once
   private holding = false; // this stream's full buffer holds the transport (stdout is not read)
   private stallTimer: NodeJS.Timeout | undefined;
 
@@ -96,6 +97,7 @@ export class GenerateStream implements AsyncIterable<GenerateChunk> {
   }
 
   private async next(): Promise<IteratorResult<GenerateChunk>> {
+    this.iterating = true;
     for (;;) {
       const chunk = this.queue.shift();
       if (chunk) {
@@ -124,8 +126,9 @@ export class GenerateStream implements AsyncIterable<GenerateChunk> {
     if (this.cutOff) return; // cancelled: the text still counts, the chunk is not buffered
     this.queue.push(chunk);
     this.signalWaiter();
-    if (this.queue.length >= this.limits.bufferChunks && this.connection && !this.holding) {
-      // Full: stop reading stdout after this message until the consumer takes one.
+    if (this.queue.length >= this.limits.bufferChunks && this.iterating && this.connection && !this.holding) {
+      // Full: stop reading stdout after this message until the consumer takes one. A stream
+      // nobody iterates (only `result` is awaited) has no consumer to wait for, so never holds.
       this.holding = true;
       this.connection.transport.hold(this);
       this.stallTimer = setTimeout(() => this.onStall(), this.limits.stallTimeoutMs);

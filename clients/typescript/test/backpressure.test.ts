@@ -32,6 +32,14 @@ async function filled(stream: GenerateStream, n: number): Promise<void> {
   );
 }
 
+/** Starts iterating `stream` (the bound applies from then on); returns the iterator and the first chunk. */
+async function startReading(stream: GenerateStream): Promise<[AsyncIterator<GenerateChunk>, GenerateChunk]> {
+  const iterator = stream[Symbol.asyncIterator]();
+  const first = await within(iterator.next(), 20_000, "the first chunk");
+  assert.equal(first.done, false);
+  return [iterator, first.value as GenerateChunk];
+}
+
 /** Records, for each chunk of `stream` read off the pipe, how many chunks it had buffered before. */
 function watchArrivals(sidecar: Sidecar, stream: () => GenerateStream): number[] {
   const before: number[] = [];
@@ -50,13 +58,14 @@ for (const framing of FRAMINGS) {
         await sidecar.request("model/load", { model: tinyModel(), id: "m" });
         const stream = sidecar.generate({ ...LONG, max_tokens: 300 });
         const arrivals = watchArrivals(sidecar, () => stream);
-        // Let the buffer fill up before reading, then read slower than the runtime generates.
+        // Take one chunk, let the buffer fill up, then read slower than the runtime generates.
+        const [iterator, first] = await startReading(stream);
         await filled(stream, BOUND);
         await sleep(100);
         assert.equal(stream.buffered, BOUND, "the pipe is not read while the buffer is full");
-        const chunks: GenerateChunk[] = [];
-        for await (const chunk of stream) {
-          chunks.push(chunk);
+        const chunks: GenerateChunk[] = [first];
+        for (let r = await iterator.next(); !r.done; r = await iterator.next()) {
+          chunks.push(r.value);
           if (chunks.length % 3 === 0) await sleep(2);
         }
         const result = await stream.result;
@@ -72,6 +81,29 @@ for (const framing of FRAMINGS) {
     });
   });
 }
+
+describe("a stream that is never iterated", { timeout: 60_000 }, () => {
+  test("does not hold stdout: awaiting only its result works however long it is", async () => {
+    const sidecar = await Sidecar.start({ streamBufferChunks: BOUND, stallTimeoutMs: 200 });
+    try {
+      await sidecar.request("model/load", { model: tinyModel(), id: "m" });
+      const stream = sidecar.generate({ ...LONG, max_tokens: 200 });
+      const result = await stream.result;
+      assert.equal(result.usage.completion_tokens, 200);
+      assert.ok(stream.buffered > BOUND, "its chunks are all kept for a later reader");
+      let text = "";
+      let tokens = 0;
+      for await (const chunk of stream) {
+        text += chunk.text;
+        tokens += chunk.token_ids.length;
+      }
+      assert.equal(text, result.text);
+      assert.equal(tokens, 200);
+    } finally {
+      await sidecar.close();
+    }
+  });
+});
 
 describe("a consumer that stops reading", { timeout: 60_000 }, () => {
   test("is cut off after stallTimeoutMs; the other calls are then answered and lose nothing", async () => {
@@ -147,20 +179,21 @@ describe("close()", { timeout: 60_000 }, () => {
     await sidecar.request("model/load", { model: tinyModel(), id: "m" });
     const exited = nextEvent<[ExitEvent]>(sidecar, "exit");
     const stream = sidecar.generate(LONG);
+    const [iterator, first] = await startReading(stream);
     await filled(stream, 2);
     await within(sidecar.close(), 10_000, "close()");
     const error = await stream.result.then(() => null, (e: unknown) => e);
     assert.ok(error instanceof AbortError && error.cause instanceof ClosedError, `got ${error}`);
     assert.equal(error.data?.finish_reason, "cancelled");
     // The two buffered chunks are still there for the consumer, then the error.
-    const chunks: GenerateChunk[] = [];
+    const chunks: GenerateChunk[] = [first];
     await assert.rejects(
       (async () => {
-        for await (const chunk of stream) chunks.push(chunk);
+        for (let r = await iterator.next(); !r.done; r = await iterator.next()) chunks.push(r.value);
       })(),
       (e: unknown) => e === error,
     );
-    assert.deepEqual(chunks.map((c) => c.index), [0, 1]);
+    assert.deepEqual(chunks.map((c) => c.index), [0, 1, 2]);
     const [event] = await exited;
     assert.deepEqual([event.code, event.signal], [0, null]);
   });
@@ -172,14 +205,15 @@ describe("a crash while a stream's buffer is full", { timeout: 60_000 }, () => {
     try {
       await sidecar.request("model/load", { model: tinyModel(), id: "m" });
       const stream = sidecar.generate(LONG);
+      const [iterator, first] = await startReading(stream);
       await filled(stream, BOUND);
       const ping = sidecar.request("runtime/ping").then(() => null, (e: unknown) => e);
       process.kill(sidecar.pid!, "SIGKILL");
       const pingError = await within(ping, 10_000, "the ping's failure");
       assert.ok(pingError instanceof ProcessExitError && pingError.signal === "SIGKILL", `got ${pingError}`);
-      const chunks: GenerateChunk[] = [];
+      const chunks: GenerateChunk[] = [first];
       const error = await (async () => {
-        for await (const chunk of stream) chunks.push(chunk);
+        for (let r = await iterator.next(); !r.done; r = await iterator.next()) chunks.push(r.value);
       })().then(() => null, (e: unknown) => e);
       assert.ok(error instanceof ProcessExitError && error === pingError, "the same exit error");
       assert.ok(chunks.length >= BOUND);
