@@ -20,8 +20,13 @@
 // runtime are *RPCError; a generation that ends early is a *GenerateError with the text so
 // far; a process that dies fails every pending call with an *ExitError (wrapping
 // ErrProcessExited) that holds its exit status and the end of its stderr. Options.Restart
-// restarts a crashed runtime and loads its models again. Close ends the process politely,
-// then by force, and is safe to call at any time, any number of times.
+// restarts a crashed runtime and loads its models again (backoff 250 ms doubling to 5 s,
+// with jitter). Close cancels the generations in flight, ends the process politely, then by
+// force, and is safe to call at any time, any number of times.
+//
+// A Stream holds at most Options.StreamBuffer chunks its reader has not taken; while it is
+// full the client stops reading the runtime's output, so the runtime pauses generating. A
+// reader that takes no chunk for Options.StallTimeout loses its stream (ErrStreamStalled).
 //
 // The params and results of every method are Go types here (types.go), checked field by
 // field against the protocol's JSON Schemas (protocol/schemas) by the tests; Call and Notify

@@ -214,3 +214,35 @@ time.sleep(60)
 		t.Errorf("Close took %v", d)
 	}
 }
+
+// TestCloseCancelsGenerates: Close cancels every generate in flight, streamed or sent through
+// Call, waits for their cancellation answers, and lets other calls finish.
+func TestCloseCancelsGenerates(t *testing.T) {
+	c, err := sidecar.Start(testContext(t), sidecar.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	loadTiny(t, c, "m")
+	ctx := testContext(t)
+	st, err := c.Generate(ctx, longGenerate("m"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	called := make(chan error, 1)
+	go func() {
+		called <- c.Call(ctx, "generate", &sidecar.GenerateParams{Model: "m", Prompt: "Hi", MaxTokens: 100000, Stream: sidecar.Ptr(false)}, nil)
+	}()
+	waitInFlight(t, c, 2)
+	if err := c.Close(); err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	_, err = st.Result()
+	var ge *sidecar.GenerateError
+	var rpc *sidecar.RPCError
+	if !errors.As(err, &ge) || !errors.Is(err, sidecar.ErrClosed) || !errors.As(err, &rpc) || rpc.Code != sidecar.CodeCancelled || ge.FinishReason != "cancelled" {
+		t.Errorf("stream cut by Close: %v", err)
+	}
+	if err := <-called; !errors.As(err, &rpc) || rpc.Code != sidecar.CodeCancelled {
+		t.Errorf("generate through Call, cut by Close: %v", err)
+	}
+}
