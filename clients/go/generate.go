@@ -34,13 +34,13 @@ func (cl *Client) Generate(ctx context.Context, p *GenerateParams) (*Stream, err
 		return nil, err
 	}
 	s := &Stream{
-		ctx:       ctx,
-		conn:      c,
-		grace:     cl.opts.CancelGrace,
-		max:       cl.opts.StreamBuffer,
-		stall:     cl.opts.StallTimeout,
-		sig:       make(chan struct{}, 1),
-		room:      make(chan struct{}, 1),
+		ctx:   ctx,
+		conn:  c,
+		grace: cl.opts.CancelGrace,
+		max:   cl.opts.StreamBuffer,
+		stall: cl.opts.StallTimeout,
+		sig:   make(chan struct{}, 1),
+		room:  make(chan struct{}, 1),
 	}
 	if _, err := c.start("generate", raw, s); err != nil {
 		return nil, err
@@ -61,13 +61,13 @@ func (cl *Client) Generate(ctx context.Context, p *GenerateParams) (*Stream, err
 // generating); after Options.StallTimeout without the reader taking a chunk, the stream is
 // cancelled and ends with a *GenerateError whose cause is ErrStreamStalled.
 type Stream struct {
-	ctx       context.Context
-	conn      *conn
-	grace     time.Duration
-	max       int           // chunks buffered at most
-	stall     time.Duration // how long a full buffer may hold up the reader
-	sig       chan struct{} // a chunk arrived, or the stream was cancelled
-	room      chan struct{} // the reader took a chunk, or the stream stopped buffering
+	ctx   context.Context
+	conn  *conn
+	grace time.Duration
+	max   int           // chunks buffered at most
+	stall time.Duration // how long a full buffer may hold up the reader
+	sig   chan struct{} // a chunk arrived, or the stream was cancelled
+	room  chan struct{} // the reader took a chunk, or the stream stopped buffering
 
 	mu         sync.Mutex
 	call       *call
