@@ -46,8 +46,33 @@ def spawn():
 
 
 @pytest.fixture
-def loaded(spawn, tiny_model):
-    """A runtime (ndjson) with the tiny model loaded as "m"."""
+def serve():
+    """Start real runtimes in-process (Server.serve on a thread, over os.pipe): the same code as
+    the subprocess without its start-up, for dispatcher, ordering and shutdown tests."""
+    pipes = []
+
+    def start(framing="ndjson", args=()):
+        p = Pipe(framing, args=args, in_process=True)
+        pipes.append(p)
+        return p
+
+    yield start
+    for p in pipes:
+        p.close()
+
+
+@pytest.fixture
+def loaded(serve, tiny_model):
+    """A runtime (ndjson, in-process) with the tiny model loaded as "m"."""
+    p = serve()
+    answer, _ = p.request("model/load", {"model": tiny_model, "id": "m"})
+    assert "result" in answer, answer
+    return p
+
+
+@pytest.fixture
+def loaded_process(spawn, tiny_model):
+    """The same as a subprocess, for what only a process has: a pid, signals, stdout and exit."""
     p = spawn()
     answer, _ = p.request("model/load", {"model": tiny_model, "id": "m"})
     assert "result" in answer, answer

@@ -7,8 +7,8 @@ def err(answer):
     return answer["error"]["code"], answer["error"]["data"]["type"]
 
 
-def test_string_and_number_ids(spawn):
-    p = spawn()
+def test_string_and_number_ids(serve):
+    p = serve()
     assert p.request("runtime/ping", id="x-1")[0] == {"jsonrpc": "2.0", "id": "x-1", "result": {}}
     assert p.request("runtime/ping", id=0)[0] == {"jsonrpc": "2.0", "id": 0, "result": {}}
 
@@ -24,8 +24,8 @@ def test_string_and_number_ids(spawn):
     ({"jsonrpc": "2.0", "id": 1, "method": "runtime/ping", "params": [1]}, -32602),
     ({"jsonrpc": "2.0", "id": 1, "method": "runtime/ping", "params": {"x": 1}}, -32602),
 ])
-def test_invalid_requests(spawn, message, code):
-    p = spawn()
+def test_invalid_requests(serve, message, code):
+    p = serve()
     p.send(message)
     answer = p.recv()
     assert answer["error"]["code"] == code
@@ -34,8 +34,8 @@ def test_invalid_requests(spawn, message, code):
     assert p.recv()["id"] == 99  # still serving
 
 
-def test_invalid_params_name_the_field(spawn):
-    p = spawn()
+def test_invalid_params_name_the_field(serve):
+    p = serve()
     cases = {
         "/model": {"prompt": "x"},
         "/temperature": {"model": "m", "prompt": "x", "temperature": -1},
@@ -51,15 +51,15 @@ def test_invalid_params_name_the_field(spawn):
         assert answer["error"]["data"]["path"] == path, (path, answer)
 
 
-def test_unknown_method(spawn):
-    p = spawn()
+def test_unknown_method(serve):
+    p = serve()
     answer, _ = p.request("model/explode")
     assert err(answer) == (-32601, "method_not_found")
     assert answer["error"]["data"]["method"] == "model/explode"
 
 
-def test_notifications_are_never_answered(spawn):
-    p = spawn()
+def test_notifications_are_never_answered(serve):
+    p = serve()
     p.notify("runtime/ping")
     p.notify("no/such/method")
     p.notify("$/setTrace", {"value": "off"})
@@ -69,8 +69,8 @@ def test_notifications_are_never_answered(spawn):
     assert answer["id"] == 7 and notes == []
 
 
-def test_batch(spawn):
-    p = spawn()
+def test_batch(serve):
+    p = serve()
     p.send([
         {"jsonrpc": "2.0", "id": 1, "method": "runtime/ping"},
         {"jsonrpc": "2.0", "method": "runtime/ping"},
@@ -87,8 +87,8 @@ def test_batch(spawn):
     assert [a["error"]["code"] for a in answer if a["id"] is None] == [-32600]
 
 
-def test_empty_batch_and_all_notification_batch(spawn):
-    p = spawn()
+def test_empty_batch_and_all_notification_batch(serve):
+    p = serve()
     p.send([])
     assert p.recv()["error"]["code"] == -32600
     p.send([{"jsonrpc": "2.0", "method": "runtime/ping"}])

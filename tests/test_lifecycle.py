@@ -30,7 +30,8 @@ def test_initialize_answers(spawn):
     assert caps["versions"]["mlx"] and caps["versions"]["mlx_lm"]
 
 
-def test_runtime_info(loaded):
+def test_runtime_info(loaded_process):
+    loaded = loaded_process
     info = loaded.request("runtime/info")[0]["result"]
     assert info["pid"] == loaded.proc.pid
     assert [m["id"] for m in info["models"]] == ["m"]
@@ -52,7 +53,8 @@ def test_eof_cancels_in_flight_and_exits_zero_quickly(loaded):
     assert answer["error"]["data"]["finish_reason"] == "cancelled"
 
 
-def test_sigterm_cancels_and_exits_zero(loaded):
+def test_sigterm_cancels_and_exits_zero(loaded_process):
+    loaded = loaded_process
     p = loaded
     gid = p.start("generate", {"model": "m", "prompt": "Hi", "max_tokens": 100000})
     while p.recv().get("method") != "generate/chunk":

@@ -158,3 +158,14 @@ def default(method: str, *path: str):
     for name in path:
         schema = schema["properties"][name]
     return schema["default"]
+
+
+def problem(method: str, part: str, value) -> str | None:
+    """What is wrong with value under the method's params/result schema, or None (for test clients)."""
+    file = schema_file(method, part)
+    if file is None:
+        return None
+    from jsonschema.exceptions import best_match
+
+    error = best_match(_validator(file).iter_errors(value))
+    return None if error is None else f"{_pointer(error.absolute_path) or '/'}: {error.message[:300]}"

@@ -21,23 +21,73 @@ def encode(framing: str, message) -> bytes:
     return body + b"\n"
 
 
+class InProcess:
+    """The real runtime (Server.serve) on a thread of this process, over os.pipe() pairs, with the
+    few Popen members Pipe uses. Starts in milliseconds; the subprocess stays for signals and exit."""
+
+    def __init__(self, args=()):
+        from ..cli import parse_args
+        from ..server import Server
+
+        a = parse_args(list(args))
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        self.server = Server(a.framing, a.max_frame_bytes, preload=a.model, max_batch=a.max_batch,
+                             max_queue=a.max_queue, prompt_cache_bytes=a.prompt_cache_bytes)
+        self.stdin = os.fdopen(in_w, "wb", buffering=0)
+        self.stdout = os.fdopen(out_r, "rb", buffering=0)
+        self.stderr = None
+        self.returncode = None
+        self._thread = threading.Thread(target=self._run, args=(in_r, out_w), name="in-process-runtime", daemon=True)
+        self._thread.start()
+
+    def _run(self, in_r, out_w):
+        try:
+            self.returncode = self.server.serve(in_r, out_w)
+        finally:
+            os.close(out_w)
+
+    def poll(self):
+        return None if self._thread.is_alive() else self.returncode
+
+    def wait(self, timeout=None):
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise subprocess.TimeoutExpired("in-process runtime", timeout)
+        return self.returncode
+
+    def kill(self):
+        self.server.stop(-9)
+        try:
+            self.stdin.close()
+        except OSError:
+            pass
+
+
 class Pipe:
-    def __init__(self, framing: str = "ndjson", args=(), env=None, python=None, stderr_to=None):
+    def __init__(self, framing: str = "ndjson", args=(), env=None, python=None, stderr_to=None, in_process=False,
+                 check_schemas=True):
         self.framing = framing
-        cmd = [python or sys.executable, "-m", "mlx_sidecar", *args]
-        full_env = dict(os.environ, **(env or {}))
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=stderr_to or subprocess.PIPE, env=full_env, bufsize=0)
+        if in_process:
+            assert env is None and python is None, "an in-process runtime shares this process's environment"
+            self.proc = InProcess(args)
+        else:
+            cmd = [python or sys.executable, "-m", "mlx_sidecar", *args]
+            full_env = dict(os.environ, **(env or {}))
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=stderr_to or subprocess.PIPE, env=full_env, bufsize=0)
+        self.check_schemas = check_schemas  # every answer and notification checked against protocol/
         self.messages: queue.Queue = queue.Queue()
         self.raw_stdout = bytearray()
         self.stderr = bytearray()
         self._next_id = 0
+        self._methods: dict = {}  # id → method, to check each answer against its result schema
         self._lock = threading.Lock()
         self._reading = threading.Event()
         self._reading.set()
         threading.Thread(target=self._read_stdout, daemon=True).start()
-        if stderr_to is None:
+        if stderr_to is None and self.proc.stderr is not None:
             threading.Thread(target=self._read_stderr, daemon=True).start()
 
     # ---- sending ----
@@ -61,6 +111,7 @@ class Pipe:
 
     def start(self, method, params=None, id=None):
         id = self.next_id() if id is None else id
+        self._methods[id] = method
         msg = {"jsonrpc": "2.0", "id": id, "method": method}
         if params is not None:
             msg["params"] = params
@@ -93,7 +144,26 @@ class Pipe:
             raise TimeoutError(f"no message within {timeout:.1f}s; stderr tail: {bytes(self.stderr[-2000:]).decode(errors='replace')}") from None
         if msg is EOFError:
             raise EOFError(f"runtime closed stdout; stderr tail: {bytes(self.stderr[-2000:]).decode(errors='replace')}")
+        if self.check_schemas:
+            for one in msg if isinstance(msg, list) else [msg]:
+                self._check(one)
         return msg
+
+    def _check(self, msg) -> None:
+        """Fail loudly when the runtime sends something its own protocol/ does not allow."""
+        from .. import spec
+
+        if not isinstance(msg, dict) or "__decode_error__" in msg:
+            return
+        if "method" in msg and "id" not in msg:
+            method, part, value = msg["method"], "params", msg.get("params", {})
+        elif "result" in msg and msg.get("id") in self._methods:
+            method, part, value = self._methods[msg["id"]], "result", msg["result"]
+        else:
+            return
+        problem = spec.problem(method, part, value)
+        if problem:
+            raise AssertionError(f"the runtime sent a {method} {part} that breaks protocol/: {problem}\n{msg!r:.2000}")
 
     # ---- lifecycle ----
     def close_stdin(self) -> None:
