@@ -9,4 +9,6 @@ export type { Transport, MessageListener } from "./transport.js";
 export { RpcError, ProcessExitError, StartError, AbortError, StreamStalledError, TimeoutError, ClosedError } from "./errors.js";
 export type { ExitInfo } from "./errors.js";
 export { defaultCommand } from "./process.js";
+export { generateJson, jsonSchemaFormat, IncompleteJsonError } from "./json.js";
+export type { GenerateJsonOptions, JsonGenerateParams, JsonResult, JsonSchema } from "./json.js";
 export * from "./protocol.js";
