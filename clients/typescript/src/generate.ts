@@ -71,7 +71,7 @@ export class GenerateStream implements AsyncIterable<GenerateChunk> {
     this.connection = connection;
     const { id, response } = connection.call("generate", params, {
       onChunk: (chunk) => this.onChunk(chunk),
-      onInterrupt: (reason) => this.cut(new AbortError("generate was cancelled: the client is closing", { cause: reason }), false),
+      onInterrupt: (reason) => this.cut(new AbortError("generate was cancelled: the client is closing", { cause: reason })),
     });
     this.id = id;
     response.then(
@@ -141,14 +141,15 @@ export class GenerateStream implements AsyncIterable<GenerateChunk> {
       `generate was cancelled: its consumer took no chunk for ${this.limits.stallTimeoutMs} ms while ${this.queue.length} chunks waited, ` +
         "which held up every other call; read streams promptly, raise stallTimeoutMs or streamBufferChunks",
     );
-    this.cut(error, true);
+    this.cut(error);
   }
 
-  // Cancels on the runtime and stops buffering; `error` (with the final text) ends it once answered.
-  private cut(error: Error, dropBuffered: boolean): void {
+  // Cancels on the runtime, drops unread chunks and stops buffering (their text is kept);
+  // `error`, with the final text, ends the stream once the runtime answered.
+  private cut(error: Error): void {
     if (this.cutOff || this.aborted || this.settled) return;
     this.cutOff = error;
-    if (dropBuffered) this.queue.length = 0;
+    this.queue.length = 0;
     this.unhold();
     if (this.connection && this.id !== undefined) this.connection.cancel(this.id);
   }
