@@ -1,0 +1,126 @@
+"""Structured output benchmarks on the default model (SmolLM2-135M-Instruct).
+
+    .venv/bin/python bench/structured.py [--reps 5] [--tokens 64] [--json out.json]
+
+  decode     engine decode tok/s with a response_format ÷ without, one stream and 8 at once
+             (end tokens biased away so both sides generate exactly --tokens tokens)
+  compile    response_format compile time, p50/p95: cold (a new schema: parse, check, compile the
+             matcher) and cached (what a repeated format costs a request), plus the vocabulary index
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "runtime"))
+
+from mlx_sidecar import blas  # noqa: E402
+
+blas.preload()
+
+from mlx_sidecar.testing.pipe import Pipe  # noqa: E402
+
+# A long free-text field: the format cannot end before max_tokens, so both sides decode alike.
+SCHEMA = {"type": "object", "properties": {"title": {"type": "string", "maxLength": 40},
+                                           "story": {"type": "string", "minLength": 4000}},
+          "required": ["title", "story"], "additionalProperties": False}
+FORMAT = {"type": "json_schema", "json_schema": {"name": "story", "schema": SCHEMA}}
+MESSAGES = [{"role": "user", "content": "Write a long story about a lighthouse keeper, as JSON with a title and the story."}]
+
+
+def pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def decode(p: Pipe, tokens: int, reps: int, width: int, no_eos: dict) -> dict:
+    """Median aggregate engine decode tok/s, constrained and free, alternating runs."""
+    def run(constrained: bool) -> float:
+        ids = []
+        for i in range(width):
+            q = {"model": "smol", "messages": MESSAGES, "max_tokens": tokens, "temperature": 0.7, "seed": i,
+                 "logit_bias": no_eos, "stream": False}
+            if constrained:
+                q["response_format"] = FORMAT
+            ids.append(p.start("generate", q))
+        results = {}
+        while len(results) < width:
+            msg = p.recv(600)
+            if msg.get("id") in ids:
+                results[msg["id"]] = msg["result"]
+        assert all(r["usage"]["completion_tokens"] == tokens for r in results.values()), results
+        return sum(r["timings"]["generation_tps"] for r in results.values())
+
+    run(True), run(False)  # warm-up (and the grammar compiled once)
+    free, constrained = [], []
+    for _ in range(reps):
+        free.append(run(False))
+        constrained.append(run(True))
+    f, c = statistics.median(free), statistics.median(constrained)
+    return {"width": width, "tokens": tokens, "reps": reps, "free_tps": f, "constrained_tps": c, "ratio": c / f,
+            "free_runs": free, "constrained_runs": constrained}
+
+
+def compile_times(model_dir: str, n: int) -> dict:
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    from mlx_sidecar import constraints
+
+    class Loaded:  # what constraints reads off a loaded model
+        id = "smol"
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+        tokenizer = load_tokenizer(Path(model_dir))
+
+    loaded = Loaded()
+    t = time.perf_counter()
+    constraints._vocab(loaded)
+    index_ms = (time.perf_counter() - t) * 1000
+    cold, cached = [], []
+    for i in range(n):
+        schema = json.loads(json.dumps(SCHEMA))
+        schema["properties"]["n"] = {"type": "integer", "minimum": i, "maximum": i + 1000}  # a new format each time
+        fmt = {"type": "json_schema", "json_schema": {"schema": schema}}
+        t = time.perf_counter()
+        constraints.start(loaded, fmt, frozenset(loaded.tokenizer.eos_token_ids))
+        cold.append((time.perf_counter() - t) * 1000)
+        t = time.perf_counter()
+        constraints.start(loaded, fmt, frozenset(loaded.tokenizer.eos_token_ids))
+        cached.append((time.perf_counter() - t) * 1000)
+    return {"vocab_index_ms": index_ms, "n": n,
+            "cold_p50_ms": pct(cold, 0.5), "cold_p95_ms": pct(cold, 0.95),
+            "cached_p50_ms": pct(cached, 0.5), "cached_p95_ms": pct(cached, 0.95)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--compiles", type=int, default=50)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+
+    p = Pipe("ndjson", args=["--prompt-cache-bytes", "0"])
+    info = p.request("model/load", {"model": "default", "id": "smol"}, timeout=900)[0]["result"]
+    no_eos = {"0": -100, "2": -100}  # SmolLM2's <|endoftext|> and <|im_end|>
+    out = {"model": info["path"], "single": decode(p, args.tokens, args.reps, 1, no_eos),
+           "batch8": decode(p, args.tokens, args.reps, 8, no_eos)}
+    p.close()
+    out["compile"] = compile_times(info["path"], args.compiles)
+    for name in ("single", "batch8"):
+        d = out[name]
+        print(f"{name:7s} free {d['free_tps']:.1f} tok/s, constrained {d['constrained_tps']:.1f} tok/s: ratio {d['ratio']:.3f}"
+              f"  (runs free {[round(x, 1) for x in d['free_runs']]}, constrained {[round(x, 1) for x in d['constrained_runs']]})")
+    c = out["compile"]
+    print(f"compile vocabulary index {c['vocab_index_ms']:.0f} ms; cold p50 {c['cold_p50_ms']:.2f} ms p95 {c['cold_p95_ms']:.2f} ms;"
+          f" cached p50 {c['cached_p50_ms']:.3f} ms p95 {c['cached_p95_ms']:.3f} ms (n={c['n']})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
