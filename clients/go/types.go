@@ -201,7 +201,10 @@ type Memory struct {
 	ActiveBytes int64 `json:"active_bytes"`
 	PeakBytes   int64 `json:"peak_bytes"`
 	CacheBytes  int64 `json:"cache_bytes"`
-	RSSBytes    int64 `json:"rss_bytes"`
+	// CacheLimitBytes bounds CacheBytes; PromptCacheBytes is the KV kept for prompt-prefix reuse.
+	CacheLimitBytes  int64 `json:"cache_limit_bytes,omitempty"`
+	PromptCacheBytes int64 `json:"prompt_cache_bytes,omitempty"`
+	RSSBytes         int64 `json:"rss_bytes"`
 }
 
 // InFlight counts the requests the runtime is working on.

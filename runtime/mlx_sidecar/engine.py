@@ -18,6 +18,7 @@ from .runners import ModelRunner, cancelled_error
 log = logging.getLogger(__name__)
 
 MEMORY_SNAPSHOT_EVERY = 0.25  # seconds between memory readings while generating
+IDLE_RELEASE_AFTER = 1.0      # seconds idle before MLX's freed buffers go back to the system
 
 
 class Engine:
@@ -77,9 +78,19 @@ class Engine:
         self._init_mlx()
         while True:
             with self._cv:
+                idle_since = None
                 while not self._inbox and not self._stopping and (not self._busy() or self._stalled()):
                     # Idle, or paused because the host stopped reading (backpressure).
-                    self._cv.wait(None if not self._busy() else 0.01)
+                    if self._busy():
+                        self._cv.wait(0.01)
+                    else:
+                        idle_since = idle_since or time.monotonic()
+                        left = IDLE_RELEASE_AFTER - (time.monotonic() - idle_since)
+                        if left > 0:
+                            self._cv.wait(left)
+                        else:
+                            self._release_idle_memory()
+                            self._cv.wait(None)
                 items = list(self._inbox)
                 self._inbox.clear()
                 stopping = self._stopping
@@ -109,6 +120,8 @@ class Engine:
         try:
             import mlx.core as mx
 
+            # Bound the buffers MLX keeps after use (by default as large as its memory limit).
+            mx.set_cache_limit(defaults.MLX_CACHE_BYTES)
             dev = mx.default_device()
             kind = "gpu" if dev.type == mx.DeviceType.gpu else "cpu"
             backend = "cpu"
@@ -167,6 +180,17 @@ class Engine:
         if runner is not None:
             runner.abort(lambda: RpcError(MODEL_UNLOADED, f"model {model_id!r} was unloaded while this request waited or ran"))
 
+    def _release_idle_memory(self) -> None:
+        """Nothing to do: hand MLX's freed buffers back to the system and take a fresh reading."""
+        try:
+            import mlx.core as mx
+
+            if mx.get_cache_memory():
+                mx.clear_cache()
+                self._snapshot_memory()
+        except Exception:
+            pass
+
     def _snapshot_memory(self) -> None:
         self._memory_at = time.monotonic()
         try:
@@ -176,6 +200,8 @@ class Engine:
                 "active_bytes": int(mx.get_active_memory()),
                 "peak_bytes": int(mx.get_peak_memory()),
                 "cache_bytes": int(mx.get_cache_memory()),
+                "cache_limit_bytes": defaults.MLX_CACHE_BYTES,
+                "prompt_cache_bytes": sum(r.prompt_cache.nbytes for r in list(self._runners.values()) if r.prompt_cache is not None),
                 "rss_bytes": _rss_bytes(),
             }
         except Exception:

@@ -134,6 +134,10 @@ export interface Memory {
   active_bytes: number;
   peak_bytes: number;
   cache_bytes: number;
+  /** The most freed MLX buffers kept for reuse; above it memory goes back to the system. */
+  cache_limit_bytes?: number;
+  /** KV caches kept for prompt-prefix reuse, all models (bounded by --prompt-cache-bytes per model). */
+  prompt_cache_bytes?: number;
   rss_bytes: number;
 }
 
