@@ -113,7 +113,7 @@ func (c *conn) start(method string, params json.RawMessage, st *Stream) (*call, 
 	}
 	c.pending[k.id] = k
 	c.mu.Unlock()
-	if err := c.write(appendRequest(nil, k.id, method, params)); err != nil {
+	if err := c.writeMessage(&k.id, method, params); err != nil {
 		c.forget(k.id)
 		return nil, err
 	}
@@ -155,6 +155,21 @@ func (c *conn) forget(id int64) bool {
 }
 
 func (c *conn) notify(method string, params json.RawMessage) error {
+	return c.writeMessage(nil, method, params)
+}
+
+// writeMessage queues a request (id non-nil) or a notification.
+func (c *conn) writeMessage(id *int64, method string, params json.RawMessage) error {
+	if c.framing == MsgPack {
+		frame, err := appendMsgpackMessage(nil, id, method, params)
+		if err != nil {
+			return errors.Join(errors.New("sidecar: could not encode a message"), err)
+		}
+		return c.writeRaw(frame)
+	}
+	if id != nil {
+		return c.write(appendRequest(nil, *id, method, params))
+	}
 	return c.write(appendNotification(nil, method, params))
 }
 

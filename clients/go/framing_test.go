@@ -447,3 +447,69 @@ func isFloat(v any) bool {
 	}
 	return false
 }
+
+// TestMsgpackMessage: requests and notifications encoded straight to MessagePack read back as
+// the JSON that appendRequest and appendNotification write.
+func TestMsgpackMessage(t *testing.T) {
+	id := int64(1) << 40
+	cases := []struct {
+		id     *int64
+		method string
+		params string
+	}{
+		{&id, "runtime/ping", ""},
+		{&id, "generate", `{"model":"m","prompt":"h\u00e9\n","max_tokens":5,"temperature":0.0,"stop":["a"],"x":null}`},
+		{nil, "$/cancelRequest", `{"id":7}`},
+		{nil, "exit", ""},
+	}
+	for _, c := range cases {
+		var want []byte
+		if c.id != nil {
+			want = appendRequest(nil, *c.id, c.method, json.RawMessage(c.params))
+		} else {
+			want = appendNotification(nil, c.method, json.RawMessage(c.params))
+		}
+		frame, err := appendMsgpackMessage([]byte{0xAA}, c.id, c.method, json.RawMessage(c.params))
+		if err != nil || frame[0] != 0xAA {
+			t.Fatalf("%s: %v", c.method, err)
+		}
+		got, err := newFrameReader(MsgPack, bytes.NewReader(frame[1:]), 0).ReadFrame()
+		if err != nil || !sameJSON(t, got, want) {
+			t.Errorf("%s: read %s (%v); want %s", c.method, got, err, want)
+		}
+	}
+	if out, err := appendMsgpackMessage([]byte("k"), &id, "m", json.RawMessage(`{"a":`)); err == nil || string(out) != "k" {
+		t.Errorf("bad params: %q %v", out, err)
+	}
+}
+
+// BenchmarkAppendMsgpack: encoding outgoing messages for the msgpack framing.
+func BenchmarkAppendMsgpack(b *testing.B) {
+	for name, msg := range map[string]string{
+		"ping":     `{"jsonrpc":"2.0","id":12345,"method":"runtime/ping"}`, // through Call: appendMsgpackMessage
+		"generate": `{"jsonrpc":"2.0","id":12345,"method":"generate","params":{"model":"m","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Why is the sky blue? Answer in one paragraph, please."}],"max_tokens":256,"temperature":0.7,"top_p":0.95,"seed":42,"stream_options":{"chunk_tokens":4}}}`,
+	} {
+		b.Run(name, func(b *testing.B) {
+			b.SetBytes(int64(len(msg)))
+			var out []byte
+			for range b.N {
+				var err error
+				if out, err = appendMsgpack(out[:0], []byte(msg)); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkMsgpackPing: a runtime/ping request as Call writes it in the msgpack framing.
+func BenchmarkMsgpackPing(b *testing.B) {
+	id := int64(12345)
+	var out []byte
+	for range b.N {
+		var err error
+		if out, err = appendMsgpackMessage(out[:0], &id, "runtime/ping", nil); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

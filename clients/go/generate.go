@@ -212,10 +212,13 @@ func (s *Stream) answered() {
 // is then set).
 func (s *Stream) next() (Chunk, bool) {
 	for {
-		if err := s.ctx.Err(); err != nil {
-			s.setCause(err) // no chunk is yielded once the context has ended
-		}
 		s.mu.Lock()
+		if err := s.ctx.Err(); err != nil && !s.responded && s.cause == nil {
+			// No chunk is yielded once the context has ended (AfterFunc may not have run yet).
+			s.mu.Unlock()
+			s.setCause(err)
+			s.mu.Lock()
+		}
 		if s.ended {
 			s.mu.Unlock()
 			return Chunk{}, false

@@ -64,27 +64,60 @@ func appendMsgpack(dst, msg []byte) ([]byte, error) {
 	return buf.Bytes(), nil
 }
 
-// jsonTokens reads exactly one JSON value. counts[i] is, for a token that opens a container,
-// how many tokens sit directly inside it (an object's names included).
+// appendMsgpackMessage encodes a request (id non-nil) or a notification straight to
+// MessagePack, as appendRequest and appendNotification write it in JSON: only params go
+// through appendMsgpack, so a call without params (runtime/ping) costs no JSON reading.
+func appendMsgpackMessage(dst []byte, id *int64, method string, params json.RawMessage) ([]byte, error) {
+	buf := bytes.NewBuffer(dst)
+	enc := msgpack.NewEncoder(buf)
+	n := 2
+	if id != nil {
+		n++
+	}
+	if len(params) > 0 {
+		n++
+	}
+	// Writes to a bytes.Buffer cannot fail.
+	_ = enc.EncodeMapLen(n)
+	_ = enc.EncodeString("jsonrpc")
+	_ = enc.EncodeString("2.0")
+	if id != nil {
+		_ = enc.EncodeString("id")
+		_ = enc.EncodeInt(*id)
+	}
+	_ = enc.EncodeString("method")
+	_ = enc.EncodeString(method)
+	if len(params) == 0 {
+		return buf.Bytes(), nil
+	}
+	_ = enc.EncodeString("params")
+	out, err := appendMsgpack(buf.Bytes(), params)
+	if err != nil {
+		return dst, err
+	}
+	return out, nil
+}
+
+// jsonTokens reads the tokens of a JSON text, which must be exactly one value. counts[i] is,
+// for a token that opens a container, how many tokens sit directly inside it (an object's
+// names included).
 func jsonTokens(msg []byte) ([]json.Token, []int, error) {
+	// json.Valid is strict and cheap; after it, the tokens stop with the value (no read to
+	// EOF, which costs the decoder an error value).
+	if !json.Valid(msg) {
+		var v any
+		err := json.Unmarshal(msg, &v) // for the error's wording and offset
+		return nil, nil, fmt.Errorf("sidecar: invalid JSON: %w", err)
+	}
 	d := json.NewDecoder(bytes.NewReader(msg))
 	d.UseNumber()
-	var toks []json.Token
-	var counts []int
+	toks := make([]json.Token, 0, 8+len(msg)/8)
+	counts := make([]int, 0, cap(toks))
 	var open []int // indexes of the containers not yet closed
 	for {
 		t, err := d.Token()
-		if err == io.EOF {
-			if len(toks) == 0 || len(open) > 0 {
-				return nil, nil, errors.New("sidecar: invalid JSON: unexpected end")
-			}
-			return toks, counts, nil
-		}
 		if err != nil {
 			return nil, nil, fmt.Errorf("sidecar: invalid JSON: %w", err)
-		}
-		if len(toks) > 0 && len(open) == 0 {
-			return nil, nil, errors.New("sidecar: invalid JSON: more than one value in a message")
 		}
 		if n, ok := t.(json.Number); ok && !numberFits(string(n)) {
 			return nil, nil, fmt.Errorf("sidecar: JSON number %.40s is out of range for MessagePack", n)
@@ -104,6 +137,9 @@ func jsonTokens(msg []byte) ([]json.Token, []int, error) {
 				return nil, nil, errTooDeep
 			}
 			open = append(open, len(toks)-1)
+		}
+		if len(open) == 0 {
+			return toks, counts, nil
 		}
 	}
 }
