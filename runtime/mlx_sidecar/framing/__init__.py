@@ -112,5 +112,5 @@ class BaseReader:
         raise NotImplementedError
 
     def _recover(self) -> None:
-        """After an unexpected exception: drop at least one byte and resynchronise."""
+        """After an unexpected exception: drop at least one buffered byte and resynchronise."""
         raise NotImplementedError

@@ -30,8 +30,9 @@ class Reader(BaseReader):
 
     def __init__(self, read, max_frame_bytes: int, initial: bytes = b""):
         super().__init__(read, max_frame_bytes, initial)
-        self._scanned = 0         # header bytes already searched for the blank line
+        self._scanned = 0         # leading bytes known to hold no blank line
         self._resync_from = None  # not None: drop input up to the next Content-Length at or after this
+        self._quiet = False       # a bad header was answered; until a good one, the rest is not
 
     def _frames(self):
         buf = self._buf
@@ -41,31 +42,39 @@ class Reader(BaseReader):
             # The earliest blank line ends the header block; none within 8 KiB means a bad block.
             m = _BLANK_LINE.search(buf, max(0, self._scanned - 2), MAX_HEADER_BYTES + 4)
             if m is None:
+                self._scanned = min(len(buf), MAX_HEADER_BYTES + 4)
                 if len(buf) >= MAX_HEADER_BYTES + 4:
                     self._resync_from = 1
-                    yield parse_error(f"LSP header block longer than {MAX_HEADER_BYTES} bytes without a blank line; skipped to the next Content-Length")
+                    if not self._quiet:
+                        self._quiet = True
+                        yield parse_error(f"LSP header block longer than {MAX_HEADER_BYTES} bytes without a blank line; skipped to the next Content-Length")
                     continue
-                self._scanned = len(buf)
                 if not self._fill():
-                    if buf.strip():
+                    if buf.strip() and not self._quiet:
                         buf.clear()
                         yield parse_error("input ended inside an LSP header block")
                     return
                 continue
-            self._scanned = 0
             block = bytes(buf[: m.start()])
             if not block.strip():
                 del buf[: m.end()]  # blank lines between frames
+                self._scanned = 0
                 continue
             length, problem, trusted = _parse_header(block)
             if not trusted:
                 self._resync_from = 1
-                yield parse_error(f"bad LSP header ({problem}); skipped to the next Content-Length")
+                self._scanned = m.start()
+                if not self._quiet:
+                    self._quiet = True
+                    yield parse_error(f"bad LSP header ({problem}); skipped to the next Content-Length")
                 continue
             del buf[: m.end()]
+            self._scanned = 0
+            self._quiet = False
             if length > self._max:
                 # The body may never come: do not wait for it, resync at the next header instead.
                 self._resync_from = 0
+                self._quiet = True
                 yield too_large(self._max, f"frame of {length} bytes (declared by Content-Length)")
                 continue
             while len(buf) < length:
@@ -86,20 +95,23 @@ class Reader(BaseReader):
         buf = self._buf
         while True:
             m = _CONTENT_LENGTH.search(buf, self._resync_from)
+            drop = m.start() if m else max(self._resync_from, len(buf) - _KEEP)
+            del buf[:drop]
+            self._scanned = max(0, self._scanned - drop)  # still known to hold no blank line
             if m:
-                del buf[: m.start()]
                 self._resync_from = None
-                self._scanned = 0
                 return True
-            del buf[: max(self._resync_from, len(buf) - _KEEP)]
             self._resync_from = 0
             if not self._fill():
                 buf.clear()
                 return False
 
     def _recover(self) -> None:
-        self._resync_from = 1
+        if self._buf:
+            del self._buf[:1]
+        self._resync_from = 0
         self._scanned = 0
+        self._quiet = True
 
 
 def _parse_header(block: bytes):

@@ -27,9 +27,9 @@ _TOO_LARGE = "too large"
 _BAD_BYTE = "byte 0xc1 is never used"
 _TOO_DEEP = "nested too deeply"
 _MAX_DEPTH = 1024          # msgpack's own limit
-_RESYNC_MAX_DEPTH = 128    # a candidate nested deeper is taken for garbage (bounds resync work)
+_RESYNC_MAX_DEPTH = 32     # a candidate nested deeper is taken for garbage (bounds resync work)
 _WHITESPACE = b" \t\r\n"  # between frames, as in detection: skipped
-_MAX_CANDIDATES = 8        # resync: request starts followed at once
+_MAX_CANDIDATES = 16       # resync: incomplete request starts followed at once
 # A map of 2-15 members whose first key is a JSON-RPC member with a value of the right type
 # (fixstr or str8 keys; a str "2.0", an int/str/nil id, a str method, a map/array params).
 _REQUEST_START = re.compile(
@@ -190,40 +190,27 @@ class Reader(BaseReader):
         self._frame = _Extent(0)
 
     def _resync(self):
-        """The next plausible request's Frame, with the bytes before and of it dropped; None at EOF."""
+        """The next plausible request's Frame, with the bytes before and of it dropped; None at EOF.
+        Candidates still waiting for bytes are followed as more arrive, oldest first; past
+        _MAX_CANDIDATES the oldest is given up, so fake starts cannot hide a later request."""
         buf = self._buf
         while True:
-            while len(self._candidates) < _MAX_CANDIDATES:
+            waiting = []
+            for c in self._candidates:
+                found = self._try(c, waiting)
+                if found is not None:
+                    return found
+            while True:
                 m = _REQUEST_START.search(buf, self._searched)
                 if m is None:
                     self._searched = max(self._searched, len(buf) - _KEEP)
                     break
-                self._candidates.append(_Extent(m.start()))
                 self._searched = m.start() + 1
-            waiting = []
-            for c in self._candidates:
-                end = c.advance(buf, self._max, _RESYNC_MAX_DEPTH)
-                if end is None:
-                    waiting.append(c)
-                    continue
-                if isinstance(end, str):
-                    continue
-                try:
-                    obj = _unpack(bytes(buf[c.start:end]))
-                except Exception:
-                    continue
-                if isinstance(obj, dict) and obj.get("jsonrpc") == "2.0":
-                    del buf[:end]
-                    self._candidates = None
-                    self._frame = _Extent(0)
-                    return _checked(obj)
+                found = self._try(_Extent(m.start()), waiting)
+                if found is not None:
+                    return found
+                del waiting[:-_MAX_CANDIDATES]
             self._candidates = waiting
-            if len(waiting) == _MAX_CANDIDATES:
-                continue_search = False
-            else:
-                continue_search = _REQUEST_START.search(buf, self._searched) is not None
-            if continue_search:
-                continue
             drop = min([c.start for c in waiting] + [self._searched])
             if drop:
                 del buf[:drop]
@@ -235,8 +222,30 @@ class Reader(BaseReader):
                 self._candidates = None
                 return None
 
+    def _try(self, c: _Extent, waiting: list):
+        """The Frame if candidate c is a whole plausible request (the buffer then starts after
+        it); else None, with c added to `waiting` if it needs more bytes."""
+        end = c.advance(self._buf, self._max, _RESYNC_MAX_DEPTH)
+        if end is None:
+            waiting.append(c)
+            return None
+        if isinstance(end, str):
+            return None
+        try:
+            obj = _unpack(bytes(self._buf[c.start:end]))
+        except Exception:
+            return None
+        if not (isinstance(obj, dict) and obj.get("jsonrpc") == "2.0"):
+            return None
+        del self._buf[:end]
+        self._candidates = None
+        self._frame = _Extent(0)
+        return _checked(obj)
+
     def _recover(self) -> None:
-        self._start_resync(1)
+        if self._buf:
+            del self._buf[:1]
+        self._start_resync(0)
 
 
 _SCALARS = frozenset((str, int, float, bool, type(None), bytes))

@@ -61,5 +61,11 @@ class Reader(BaseReader):
             yield decode(line)
 
     def _recover(self) -> None:
-        self._skipping = True
+        # Drop the rest of the line being read (at least one byte, so the reader moves on).
+        nl = self._buf.find(b"\n")
+        if nl >= 0:
+            del self._buf[: nl + 1]
+        else:
+            self._buf.clear()
+            self._skipping = True
         self._scanned = 0
