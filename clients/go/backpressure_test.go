@@ -23,15 +23,20 @@ func streamParams(model string, n int) *sidecar.GenerateParams {
 
 // waitBuffered waits until the stream holds n unread chunks: the client's reader is then
 // blocked on it.
-func waitBuffered(t *testing.T, ctx context.Context, st *sidecar.Stream, n int) {
+func waitBuffered(t *testing.T, ctx context.Context, c *sidecar.Client, st *sidecar.Stream, n int) {
 	t.Helper()
+	wait, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
 	for st.Buffered() < n {
 		if st.Answered() && st.Buffered() < n {
 			_, err := st.Result()
 			t.Fatalf("the stream ended before it held %d chunks: %v", n, err)
 		}
-		if ctx.Err() != nil {
-			t.Fatalf("the stream never held %d chunks (holds %d)", n, st.Buffered())
+		if wait.Err() != nil {
+			ictx, icancel := context.WithTimeout(ctx, 2*time.Second)
+			info, err := c.Info(ictx)
+			icancel()
+			t.Fatalf("the stream never held %d chunks (holds %d, high water %d); runtime/info: %+v %v", n, st.Buffered(), st.HighWater(), info, err)
 		}
 		time.Sleep(time.Millisecond)
 	}
@@ -100,7 +105,7 @@ func TestSlowConsumer(t *testing.T) {
 				streams[i] = st
 			}
 			// Nobody reads until the first stream's buffer is full: the reader is then blocked.
-			waitBuffered(t, ctx, streams[0], tc.bound)
+			waitBuffered(t, ctx, c, streams[0], tc.bound)
 			// A call made now is answered once the readers catch up.
 			pinged := make(chan error, 1)
 			go func() { pinged <- c.Ping(ctx) }()
@@ -133,7 +138,7 @@ func TestStalledConsumer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitBuffered(t, ctx, st, 2)
+	waitBuffered(t, ctx, c, st, 2)
 	// This waits behind the stalled stream, then goes through.
 	if err := c.Ping(ctx); err != nil {
 		t.Fatalf("Ping behind a stalled stream: %v", err)
@@ -225,7 +230,7 @@ func TestBlockedStreamEnds(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			waitBuffered(t, ctx, st, 2)
+			waitBuffered(t, ctx, c, st, 2)
 			pinged := make(chan error, 1)
 			go func() { pinged <- c.Ping(ctx) }()
 			tc.end(t, c, st, cancel)
