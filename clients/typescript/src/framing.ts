@@ -2,9 +2,9 @@
 // ndjson: one JSON value per line. lsp: "Content-Length: N\r\n\r\n" + N bytes of JSON.
 // msgpack: a plain stream of MessagePack values (no length prefix).
 //
-// Decoding is pull-based: a codec turns an async byte source into an async sequence of messages
-// and reads the source only when asked for the next message, so a caller that stops asking
-// stops reading the pipe (that is how the client applies backpressure).
+// Decoding is pull-based: a codec turns an async byte source into an async sequence of batches
+// (the frames that one read completed) and reads the source only when asked for the next batch,
+// so a caller that stops asking stops reading the pipe (that is how the client applies backpressure).
 
 import { DecodeError, Decoder as MsgpackDecoder, Encoder as MsgpackEncoder } from "@msgpack/msgpack";
 import type { Framing } from "./protocol.js";
@@ -19,8 +19,8 @@ export type ByteSource = AsyncIterable<Uint8Array>;
 export interface Codec {
   readonly name: Framing;
   encode(message: unknown): Uint8Array;
-  /** Messages cut out of `source`, in order; the source is read only as far as the caller pulls. */
-  decode(source: ByteSource): AsyncGenerator<Decoded, void, undefined>;
+  /** Frames cut out of `source`, in order, a batch per read; the source is read only as far as the caller pulls. */
+  decode(source: ByteSource): AsyncGenerator<Decoded[], void, undefined>;
 }
 
 const EMPTY = Buffer.alloc(0);
@@ -47,10 +47,11 @@ function isBlank(buf: Buffer, start: number, end: number): boolean {
   return true;
 }
 
-async function* decodeNdjson(source: ByteSource): AsyncGenerator<Decoded, void, undefined> {
+async function* decodeNdjson(source: ByteSource): AsyncGenerator<Decoded[], void, undefined> {
   let partial: Buffer[] = []; // the start of a line that began in earlier reads
   for await (const piece of source) {
     const chunk = toBuffer(piece);
+    const batch: Decoded[] = [];
     let start = 0;
     for (let nl = chunk.indexOf(10); nl !== -1; nl = chunk.indexOf(10, start)) {
       let line = chunk;
@@ -64,9 +65,10 @@ async function* decodeNdjson(source: ByteSource): AsyncGenerator<Decoded, void, 
         to = line.length;
       }
       start = nl + 1;
-      if (!isBlank(line, from, to)) yield parseJson(line, from, to);
+      if (!isBlank(line, from, to)) batch.push(parseJson(line, from, to));
     }
     if (start < chunk.length) partial.push(start ? chunk.subarray(start) : chunk);
+    if (batch.length) yield batch;
   }
 }
 
@@ -99,11 +101,12 @@ class ByteQueue {
   }
 }
 
-async function* decodeLsp(source: ByteSource): AsyncGenerator<Decoded, void, undefined> {
+async function* decodeLsp(source: ByteSource): AsyncGenerator<Decoded[], void, undefined> {
   const q = new ByteQueue();
   let bodyLength = -1; // -1 while reading a header block
   for await (const piece of source) {
     q.push(toBuffer(piece));
+    const batch: Decoded[] = [];
     for (;;) {
       if (bodyLength < 0) {
         const buf = q.flat();
@@ -111,7 +114,7 @@ async function* decodeLsp(source: ByteSource): AsyncGenerator<Decoded, void, und
         if (end === -1) {
           if (q.size > MAX_LSP_HEADER) {
             q.clear();
-            yield { error: new Error("the runtime sent an LSP header block without a blank line; dropped it") };
+            batch.push({ error: new Error("the runtime sent an LSP header block without a blank line; dropped it") });
           }
           break;
         }
@@ -119,7 +122,7 @@ async function* decodeLsp(source: ByteSource): AsyncGenerator<Decoded, void, und
         q.consume(end + 4);
         const m = /(?:^|\r\n)content-length:\s*(\d+)\s*(?:\r\n|$)/i.exec(header);
         if (!m) {
-          yield { error: new Error(`the runtime sent an LSP header without Content-Length: ${JSON.stringify(header.slice(0, 200))}`) };
+          batch.push({ error: new Error(`the runtime sent an LSP header without Content-Length: ${JSON.stringify(header.slice(0, 200))}`) });
           continue;
         }
         bodyLength = Number(m[1]);
@@ -129,8 +132,9 @@ async function* decodeLsp(source: ByteSource): AsyncGenerator<Decoded, void, und
       const n = bodyLength;
       bodyLength = -1;
       q.consume(n);
-      yield parseJson(buf, 0, n);
+      batch.push(parseJson(buf, 0, n));
     }
+    if (batch.length) yield batch;
   }
 }
 
@@ -142,16 +146,17 @@ function keepOpen(source: ByteSource): ByteSource {
 
 // @msgpack/msgpack's stream decoder does the work, values split across reads included. It stops at
 // bytes that are not MessagePack; there are no lengths to resync on, so what it had buffered is
-// dropped (as the runtime does) and a fresh decoder goes on with the next read.
-async function* decodeMsgpack(source: ByteSource): AsyncGenerator<Decoded, void, undefined> {
+// dropped (as the runtime does) and a fresh decoder goes on with the next read. The library
+// yields value by value, so each batch holds one frame.
+async function* decodeMsgpack(source: ByteSource): AsyncGenerator<Decoded[], void, undefined> {
   const bytes = keepOpen(source);
   for (;;) {
     try {
-      for await (const message of new MsgpackDecoder().decodeStream(bytes)) yield { message };
+      for await (const message of new MsgpackDecoder().decodeStream(bytes)) yield [{ message }];
       return;
     } catch (e) {
       if (!(e instanceof DecodeError)) throw e;
-      yield { error: new Error(`the runtime sent bytes that are not MessagePack (${e.message}); dropped the rest of that read`) };
+      yield [{ error: new Error(`the runtime sent bytes that are not MessagePack (${e.message}); dropped the rest of that read`) }];
     }
   }
 }

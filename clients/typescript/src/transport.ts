@@ -1,5 +1,6 @@
 // Byte-level I/O with the runtime: encodes messages onto its stdin, decodes its stdout.
-// Writes made in the same tick are joined into one write, so pipelined requests cost one syscall.
+// Writes made in the same tick are joined into one write, so pipelined requests cost one syscall
+// (the flush runs on nextTick, after the promise callbacks of every answer in one read).
 // Reading stops while anyone holds the transport (a stream whose buffer is full): the child's
 // stdout is then not read, the pipe fills, and the runtime's own backpressure pauses generation.
 
@@ -86,10 +87,13 @@ export class Transport {
 
   private async read(input: Readable): Promise<void> {
     try {
-      for await (const item of this.codec.decode(input)) {
-        if (item.error) this.onBadFrame(item.error);
-        else this.deliver(item.message);
-        while (this.held) await new Promise<void>((resolve) => (this.wakeReader = resolve));
+      for await (const batch of this.codec.decode(input)) {
+        for (const item of batch) {
+          if (item.error) this.onBadFrame(item.error);
+          else this.deliver(item.message);
+          // Held: deliver nothing more (and read nothing more) until released.
+          while (this.held) await new Promise<void>((resolve) => (this.wakeReader = resolve));
+        }
       }
     } catch (e) {
       this.onBadFrame(new Error(`reading the runtime's stdout failed: ${(e as Error).message}`, { cause: e }));
@@ -119,7 +123,7 @@ export class Transport {
     this.queue.push(bytes);
     if (!this.flushScheduled) {
       this.flushScheduled = true;
-      queueMicrotask(() => this.flush());
+      process.nextTick(() => this.flush());
     }
   }
 

@@ -35,9 +35,12 @@ async function* source(pieces: Buffer[]): AsyncGenerator<Buffer> {
 async function collect(framing: (typeof FRAMINGS)[number], pieces: Buffer[]): Promise<{ messages: unknown[]; errors: Error[] }> {
   const messages: unknown[] = [];
   const errors: Error[] = [];
-  for await (const item of codecFor(framing).decode(source(pieces))) {
-    if (item.error) errors.push(item.error);
-    else messages.push(item.message);
+  for await (const batch of codecFor(framing).decode(source(pieces))) {
+    assert.ok(batch.length > 0, "no empty batches");
+    for (const item of batch) {
+      if (item.error) errors.push(item.error);
+      else messages.push(item.message);
+    }
   }
   return { messages, errors };
 }
@@ -73,7 +76,7 @@ for (const framing of FRAMINGS) {
       const small = Buffer.concat(MESSAGES.slice(0, 3).map((m) => codec.encode(m)));
       assert.deepEqual(await decodeAll(framing, small, bytewise), { messages: MESSAGES.slice(0, 3), errors: [] });
     });
-    test("reads the source only as far as messages are pulled (what backpressure relies on)", async () => {
+    test("reads the source only as far as batches are pulled (what backpressure relies on)", async () => {
       const message = { jsonrpc: "2.0", method: "generate/chunk", params: { id: 1, index: 0, text: "x", token_ids: [1] } };
       let reads = 0;
       async function* counted(): AsyncGenerator<Uint8Array> {
@@ -82,11 +85,11 @@ for (const framing of FRAMINGS) {
           yield codec.encode(message);
         }
       }
-      const messages = codec.decode(counted());
-      assert.deepEqual((await messages.next()).value, { message });
-      assert.deepEqual((await messages.next()).value, { message });
-      assert.equal(reads, 2, "two messages pulled, two reads made");
-      await messages.return();
+      const batches = codec.decode(counted());
+      assert.deepEqual((await batches.next()).value, [{ message }]);
+      assert.deepEqual((await batches.next()).value, [{ message }]);
+      assert.equal(reads, 2, "two batches pulled, two reads made");
+      await batches.return();
     });
   });
 }
