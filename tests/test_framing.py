@@ -1,9 +1,12 @@
 """The three framings over the real pipe: round trips, bad frames, resynchronisation."""
 
+import time
+
 import msgpack
 import pytest
 
 from conftest import FRAMINGS, chunks_of
+from mlx_sidecar.testing.pipe import encode as pipe_encode
 
 
 @pytest.mark.parametrize("framing", FRAMINGS)
@@ -132,3 +135,83 @@ def test_msgpack_resyncs_without_answering_leftovers(spawn):
     assert p.recv() == {"jsonrpc": "2.0", "id": 1, "result": {}}
     p.send({"jsonrpc": "2.0", "id": 9, "method": "runtime/ping"})
     assert p.recv() == {"jsonrpc": "2.0", "id": 9, "result": {}}
+
+
+# ---- issue 15: regressions over the real pipe; after each bad input a valid request is answered ----
+
+PING = {"jsonrpc": "2.0", "id": 99, "method": "runtime/ping"}
+PONG = {"jsonrpc": "2.0", "id": 99, "result": {}}
+
+
+def test_msgpack_non_string_keys_and_ext_values_are_invalid_requests(spawn):
+    p = spawn("msgpack")
+    # A bin key inside params used to kill the reader thread (TypeError when keys were sorted).
+    p.send_raw(b"\x84\xa7jsonrpc\xa32.0\xa2id\x01\xa6method\xacruntime/ping\xa6params\x82\xa1a\x01\xc4\x01b\x02")
+    err = p.recv()
+    assert err["id"] is None and err["error"]["code"] == -32600
+    assert err["error"]["data"]["path"] == "/params" and "bin" in err["error"]["message"]
+    for params in ({1: "int key"}, {"t": msgpack.Timestamp(5, 0)}, {"e": msgpack.ExtType(3, b"z")}):
+        p.send_raw(msgpack.packb({"jsonrpc": "2.0", "id": 2, "method": "runtime/ping", "params": params},
+                                 use_bin_type=True, strict_types=False))
+        err = p.recv()
+        assert err["id"] is None and err["error"]["code"] == -32600 and err["error"]["data"]["path"].startswith("/params")
+    p.send(PING)
+    assert p.recv() == PONG
+
+
+def test_lsp_bare_lf_header_then_crlf_frame(spawn):
+    p = spawn("lsp")
+    body = b'{"jsonrpc":"2.0","id":1,"method":"runtime/ping"}'
+    p.send_raw(b"Content-Length: %d\n\n" % len(body) + body + pipe_encode("lsp", PING))
+    assert p.recv() == {"jsonrpc": "2.0", "id": 1, "result": {}}
+    assert p.recv() == PONG
+
+
+def test_lsp_header_over_8k_then_a_frame_in_the_same_write(spawn):
+    p = spawn("lsp")
+    p.send_raw(b"X-Pad: " + b"a" * 9000 + b"\r\n\r\n" + pipe_encode("lsp", PING))
+    err = p.recv()
+    assert err["id"] is None and err["error"]["code"] == -32700 and "8192" in err["error"]["message"]
+    assert p.recv() == PONG
+
+
+def test_msgpack_resync_after_100k_of_array_headers(spawn):
+    """Was quadratic (~10 s) and answered the ping inside an array; a generous bound here."""
+    p = spawn("msgpack")
+    assert p.request("runtime/ping")[0]["result"] == {}
+    t0 = time.monotonic()
+    p.send_raw(b"\xc1" + b"\x91" * 100_000 + msgpack.packb(PING))
+    err = p.recv()
+    assert err["error"]["code"] == -32700
+    assert p.recv() == PONG  # a single response, not [PONG]
+    assert time.monotonic() - t0 < 5.0
+    p.send(PING)
+    assert p.recv() == PONG
+
+
+@pytest.mark.parametrize("framing,header", [
+    ("lsp", b"Content-Length: 999999999999\r\n\r\n"),
+    ("msgpack", b"\xdb\xff\xff\xff\xff"),  # str 32 of 4 GiB
+    ("msgpack", b"\xc6\xff\xff\xff\xff"),  # bin 32
+    ("msgpack", b"\xdd\xff\xff\xff\xff"),  # array 32
+])
+def test_declared_length_beyond_the_limit_without_a_body(spawn, framing, header):
+    p = spawn(framing, args=["--framing", framing])
+    p.send_raw(header)
+    # Answered as soon as the header is read: nothing else has been sent yet.
+    err = p.recv()
+    assert err["id"] is None and err["error"]["data"]["type"] == "frame_too_large"
+    assert err["error"]["data"]["limit"] == 64 * 1024 * 1024
+    p.send(PING)
+    assert p.recv() == PONG
+
+
+def test_ndjson_endless_line_is_answered_before_its_newline(spawn):
+    p = spawn("ndjson", args=["--framing", "ndjson", "--max-frame-bytes", "4096"])  # "x" would look like LSP
+    for _ in range(10):
+        p.send_raw(b"x" * 1000)
+    err = p.recv()  # no newline sent yet
+    assert err["error"]["data"]["type"] == "frame_too_large"
+    p.send_raw(b"y" * 100_000 + b"\n")  # the rest of that line is dropped without another answer
+    p.send(PING)
+    assert p.recv() == PONG
