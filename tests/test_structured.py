@@ -355,64 +355,73 @@ def test_a_format_for_a_model_still_loading_is_compiled_by_the_engine(spawn, tin
 # ---- the default model (SmolLM2-135M-Instruct) ----
 default = pytest.mark.skipif(os.environ.get("MLX_SIDECAR_SKIP_DEFAULT_MODEL") == "1", reason="MLX_SIDECAR_SKIP_DEFAULT_MODEL=1")
 SEEDS = int(os.environ.get("MLX_SIDECAR_STRUCTURED_SEEDS", "20"))
-
-
-@pytest.fixture(scope="module")
-def smol():
-    from mlx_sidecar.testing.pipe import Pipe
-
-    p = Pipe("ndjson", args=("--max-batch", "24"))
-    answer, _ = p.request("model/load", {"model": "default", "id": "smol"}, timeout=600)
-    assert "result" in answer, answer
-    yield p
-    p.close()
+OTHER_FORMATS = {
+    "regex": ({"type": "regex", "pattern": REGEX}, "Do you like fruit? Say yes or no, then a count and a fruit.", 16),
+    "xml": ({"type": "grammar", "grammar": XML_GRAMMAR}, "Describe a person as XML.", 64),
+    "json_object": ({"type": "json_object"}, "Describe a cat as a JSON object.", 48),
+}
 
 
 def ask(what):
     return [{"role": "system", "content": "You answer with JSON only."}, {"role": "user", "content": what}]
 
 
+@pytest.fixture(scope="module")
+def smol():
+    from mlx_sidecar.testing.pipe import Pipe
+
+    p = Pipe("ndjson", args=("--max-batch", "32", "--max-queue", "512"))
+    answer, _ = p.request("model/load", {"model": "default", "id": "smol"}, timeout=600)
+    assert "result" in answer, answer
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def smol_runs(smol):
+    """Every default-model format x SEEDS seeds at temperature 0.7, sent at once so they decode
+    as one continuous batch; {name: [result, ...]}."""
+    jobs = {}
+    for name, schema in FEATURES.items():
+        jobs[name] = [{"model": "smol", "messages": ask(f"Give an example {name} record as JSON."), "max_tokens": 48,
+                       "temperature": 0.7, "seed": s, "response_format": schema_format(schema)} for s in range(SEEDS)]
+    for name, (fmt, question, max_tokens) in OTHER_FORMATS.items():
+        jobs[name] = [{"model": "smol", "messages": ask(question), "max_tokens": max_tokens, "temperature": 0.7,
+                       "seed": s, "response_format": fmt} for s in range(SEEDS)]
+    ids = {name: [smol.start("generate", q) for q in qs] for name, qs in jobs.items()}
+    out = collect(smol, [i for group in ids.values() for i in group], timeout=1800)
+    return {name: [out[i][0]["result"] for i in group] for name, group in ids.items()}
+
+
 @default
 @pytest.mark.parametrize("name", list(FEATURES))
-def test_default_model_schema_features(smol, name):
-    schema = FEATURES[name]
-    ids = [smol.start("generate", {"model": "smol", "messages": ask(f"Give an example {name} record as JSON."), "max_tokens": 48,
-                                   "temperature": 0.7, "seed": s, "response_format": schema_format(schema)}) for s in range(SEEDS)]
-    out = collect(smol, ids, timeout=900)
+def test_default_model_schema_features(smol_runs, name):
     stopped = 0
-    for i in ids:
-        result = out[i][0]["result"]
+    for result in smol_runs[name]:
         if result["finish_reason"] == "stop":
-            check_json(result, schema)
+            check_json(result, FEATURES[name])
             stopped += 1
         else:
-            assert result["parsed"] is None
+            assert result["parsed"] is None and result["format_complete"] is False
     assert stopped >= SEEDS // 2, f"{name}: only {stopped}/{SEEDS} finished within 48 tokens"
 
 
 @default
-def test_default_model_regex_xml_and_json_object(smol):
-    cases = [({"type": "regex", "pattern": REGEX}, "Do you like fruit? Say yes or no, then a count and a fruit.", 16),
-             ({"type": "grammar", "grammar": XML_GRAMMAR}, "Describe a person as XML.", 64),
-             ({"type": "json_object"}, "Describe a cat as a JSON object.", 64)]
-    for fmt, question, max_tokens in cases:
-        ids = [smol.start("generate", {"model": "smol", "messages": ask(question), "max_tokens": max_tokens, "temperature": 0.7,
-                                       "seed": s, "response_format": fmt}) for s in range(SEEDS)]
-        out = collect(smol, ids, timeout=900)
-        stopped = 0
-        for i in ids:
-            result = out[i][0]["result"]
-            if result["finish_reason"] != "stop":
-                continue
-            stopped += 1
-            assert result["format_complete"] is True
-            if fmt["type"] == "regex":
-                assert re.fullmatch(REGEX, result["text"]), result["text"]
-            elif fmt["type"] == "grammar":
-                assert ET.fromstring(result["text"]).tag == "person"
-            else:
-                assert isinstance(json.loads(result["text"]), dict) and result["parsed"] == json.loads(result["text"])
-        assert stopped >= SEEDS // 2, f"{fmt['type']}: only {stopped}/{SEEDS} finished"
+@pytest.mark.parametrize("name", list(OTHER_FORMATS))
+def test_default_model_regex_xml_and_json_object(smol_runs, name):
+    stopped = 0
+    for result in smol_runs[name]:
+        if result["finish_reason"] != "stop":
+            continue
+        stopped += 1
+        assert result["format_complete"] is True
+        if name == "regex":
+            assert re.fullmatch(REGEX, result["text"]), result["text"]
+        elif name == "xml":
+            assert ET.fromstring(result["text"]).tag == "person"
+        else:
+            assert isinstance(json.loads(result["text"]), dict) and result["parsed"] == json.loads(result["text"])
+    assert stopped >= SEEDS // 2, f"{name}: only {stopped}/{SEEDS} finished"
 
 
 @default
@@ -445,3 +454,5 @@ def test_default_model_mixed_batch_and_join(smol):
     result = out[lone][0]["result"]
     if result["finish_reason"] == "stop":
         check_json(result, ARRAYS)
+    else:
+        assert result["parsed"] is None
