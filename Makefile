@@ -6,7 +6,7 @@ VENV := .venv
 QUESTION ?= What is the capital of France?
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-python test-typescript test-go bench
+.PHONY: setup demo test test-python test-typescript test-go bench fuzz soak
 
 setup: $(STAMP)
 
@@ -39,3 +39,11 @@ test-go: setup
 
 bench: setup
 	$(VENV)/bin/python bench/run.py --json bench/results/latest.json
+
+# Longer hunts than the test suite's: frame readers and params with 20,000 examples each, a 10,000-request soak.
+fuzz: setup
+	MLX_SIDECAR_FUZZ_EXAMPLES=20000 $(VENV)/bin/python -m pytest -q tests/test_framing_fuzz.py tests/test_params_fuzz.py
+	cd clients/go && go test -run='^$$' -fuzz=FuzzReadFrame -fuzztime=5m .
+
+soak: setup
+	$(VENV)/bin/python bench/soak.py --requests 10000 --json bench/results/soak.json
