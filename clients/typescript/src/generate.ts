@@ -9,6 +9,7 @@ import type { GenerateChunkParams, GenerateParams, GenerateResult, RequestId, Us
 export type GenerateChunk = GenerateChunkParams;
 
 const CANCELLED = -32800;
+const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /** @internal The flow-control settings a Sidecar gives each stream. */
 export interface StreamLimits {
@@ -131,7 +132,9 @@ export class GenerateStream implements AsyncIterable<GenerateChunk> {
       // nobody iterates (only `result` is awaited) has no consumer to wait for, so never holds.
       this.holding = true;
       this.connection.transport.hold(this);
-      this.stallTimer = setTimeout(() => this.onStall(), this.limits.stallTimeoutMs);
+      const ms = this.limits.stallTimeoutMs;
+      // A negative or infinite timeout waits for ever (setTimeout would fire at once past 2^31-1 ms).
+      if (ms >= 0 && ms <= MAX_TIMER_MS) this.stallTimer = setTimeout(() => this.onStall(), ms);
     }
   }
 

@@ -57,7 +57,7 @@ export interface SidecarOptions {
   killTimeoutMs?: number;
   /** Chunks a generate stream buffers for its consumer at most; when full, stdout is not read (default 64). */
   streamBufferChunks?: number;
-  /** A stream whose full buffer held stdout this long without its consumer taking a chunk is cancelled with StreamStalledError (default 30000 ms). */
+  /** A stream whose full buffer held stdout this long without its consumer taking a chunk is cancelled with StreamStalledError (default 30000 ms; negative or Infinity: never). */
   stallTimeoutMs?: number;
   /** Sent in initialize's client_info. */
   clientInfo?: { name: string; version?: string };

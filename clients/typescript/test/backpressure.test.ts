@@ -175,7 +175,7 @@ describe("close()", { timeout: 60_000 }, () => {
   });
 
   test("reads the cancellation answer even when a stream's full buffer holds stdout", async () => {
-    const sidecar = await Sidecar.start({ streamBufferChunks: 2, stallTimeoutMs: 600_000 });
+    const sidecar = await Sidecar.start({ streamBufferChunks: 2, stallTimeoutMs: Infinity });
     await sidecar.request("model/load", { model: tinyModel(), id: "m" });
     const exited = nextEvent<[ExitEvent]>(sidecar, "exit");
     const stream = sidecar.generate(LONG);
@@ -202,7 +202,7 @@ describe("close()", { timeout: 60_000 }, () => {
 
 describe("a crash while a stream's buffer is full", { timeout: 60_000 }, () => {
   test("fails pending calls at once; the stream yields every chunk the runtime wrote, in order, then the exit error", async () => {
-    const sidecar = await Sidecar.start({ streamBufferChunks: BOUND, stallTimeoutMs: 600_000 });
+    const sidecar = await Sidecar.start({ streamBufferChunks: BOUND, stallTimeoutMs: -1 }); // never cut off
     try {
       await sidecar.request("model/load", { model: tinyModel(), id: "m" });
       const stream = sidecar.generate(LONG);
