@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	fi
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	@if [ "$$(uname -s)" = Darwin ]; then extras="test"; else extras="cpu,test"; fi; \
+	@if [ "$$(uname -s)" = Darwin ]; then extras="test,vlm"; else extras="cpu,test,vlm"; fi; \
 		$(VENV)/bin/python -m pip install -q -e ".[$$extras]"
 	touch $(STAMP)
 
