@@ -335,6 +335,10 @@ class Constraint:
             self._feed(int(tokens[-1].item()))
         from llguidance.numpy import fill_next_token_bitmask
 
+        if self.matcher.is_stopped():
+            # Complete: the request ends on its last token, and this draw is thrown away (an
+            # all -inf row would only make NaNs).
+            return logits
         fill_next_token_bitmask(self.matcher, self._mask)
         if self.matcher.is_error():
             self.failed = self.failed or self.matcher.get_error()
