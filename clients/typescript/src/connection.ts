@@ -24,7 +24,7 @@ type ChunkListener = (chunk: GenerateChunkParams) => void;
 export interface CallHooks {
   /** Receives the call's generate/chunk notifications. */
   onChunk?: ChunkListener;
-  /** Told when interrupt() cancels the call (before $/cancelRequest goes out). */
+  /** Told when interrupt() cancels the call; it must send $/cancelRequest itself. */
   onInterrupt?: (reason: Error) => void;
 }
 
@@ -101,8 +101,9 @@ export class Connection {
     for (const [id, entry] of this.pending) {
       if (entry.method !== method) continue;
       ids.push(id);
-      entry.onInterrupt?.(reason);
-      this.cancel(id);
+      // A hook (a stream) cancels by itself, once; a plain call is cancelled here.
+      if (entry.onInterrupt) entry.onInterrupt(reason);
+      else this.cancel(id);
     }
     return ids;
   }
