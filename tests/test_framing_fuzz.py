@@ -88,7 +88,7 @@ def requests(draw, n_max=6):
         msg = {"jsonrpc": "2.0", "id": f"r{i}", "method": draw(st.sampled_from(["runtime/ping", "generate", "x/y"]))}
         if draw(st.booleans()):
             msg["params"] = draw(st.dictionaries(st.text(max_size=8), json_values, max_size=4))
-        out.append(msg)
+        out.append(dict(draw(st.permutations(list(msg.items())))))  # members in any order
     return out
 
 
@@ -301,6 +301,15 @@ def test_msgpack_values_without_json_equivalent_are_refused(value, path, word):
     assert frames[0].error.code == -32600 and frames[0].error.data["path"] == path
     assert word in frames[0].error.message
     assert frames[1].message == TAIL
+
+
+def test_msgpack_resync_finds_requests_from_str8_encoders():
+    """Some encoders write every string as str8; such a request is still a resync point."""
+    req = (b"\x83\xd9\x07jsonrpc\xd9\x032.0\xd9\x02id\x01"
+           b"\xd9\x06method\xd9\x0cruntime/ping")
+    for sizes in (None, [1], [5]):
+        frames = read_all("msgpack", b"\xc1garbage" + req, sizes=sizes)
+        assert [f.message for f in frames] == [None, {"jsonrpc": "2.0", "id": 1, "method": "runtime/ping"}]
 
 
 def test_msgpack_bin_values_pass_to_the_schemas():

@@ -8,11 +8,10 @@ stream. A decoded frame must look like JSON: string map keys, no extension types
 Resync policy: after a bad frame the reader answers once, then drops bytes until the next
 plausible request start: a map header (2-15 members) whose first key is "jsonrpc", "id", "method"
 or "params" followed by a value of the type that member has, from which a whole map with
-"jsonrpc": "2.0" decodes. Only maps restart the
-stream, so a batch array right after bad bytes is served as its separate requests. A complete
-candidate wins over an earlier one still waiting for bytes, so a garbage header that declares a
-long body cannot hold back the requests behind it. Every step looks at each byte a bounded number
-of times, so resync is linear in the garbage."""
+"jsonrpc": "2.0" decodes. Only maps restart the stream, so a batch array right after bad bytes
+is served as its separate requests. A complete candidate wins over an earlier one still waiting
+for bytes, so a garbage header that declares a long body cannot hold back the requests behind it.
+Every step looks at each byte a bounded number of times, so resync is linear in the garbage."""
 
 import re
 
@@ -34,11 +33,11 @@ _MAX_CANDIDATES = 16       # resync: incomplete request starts followed at once
 # (fixstr or str8 keys; a str "2.0", an int/str/nil id, a str method, a map/array params).
 _REQUEST_START = re.compile(
     rb"(?:[\x82-\x8f]|\xde\x00[\x02-\x0f]|\xdf\x00\x00\x00[\x02-\x0f])"
-    rb"(?:(?:\xa7|\xd9\x07)jsonrpc\xa32\.0"
+    rb"(?:(?:\xa7|\xd9\x07)jsonrpc(?:\xa3|\xd9\x03)2\.0"
     rb"|(?:\xa2|\xd9\x02)id[\x00-\x7f\xa0-\xbf\xc0\xcc-\xd3\xd9-\xdb\xe0-\xff]"
     rb"|(?:\xa6|\xd9\x06)method[\xa0-\xbf\xd9-\xdb]"
     rb"|(?:\xa6|\xd9\x06)params[\x80-\x9f\xdc-\xdf])")
-_KEEP = 16  # the longest request start minus one: it may be split across reads
+_KEEP = 18  # the longest request start minus one: it may be split across reads
 
 # Header byte -> (header size, bytes of its length field, what the length counts:
 # 0 nothing (fixed size), 1 payload bytes, 2 array items, 3 map pairs). 0xc1 is never used.
