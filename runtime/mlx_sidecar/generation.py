@@ -5,7 +5,7 @@ token it gets (text, stop strings, chunks), up to its one response. Where the to
 import logging
 import time
 
-from . import constraints, prompts, sampling, spec
+from . import constraints, logprobs, prompts, sampling, spec
 from .errors import CONTEXT_LENGTH_EXCEEDED, GENERATION_FAILED, INVALID_PARAMS, RpcError, model_not_found
 from .stops import StopText
 from .writer import ChunkBuffer
@@ -32,6 +32,9 @@ class Generation:
         self.detok = None
         self.done = False
         self.constraint = None          # response_format's logits processor (constraints.py)
+        # logprobs: None when not asked for (costs nothing), else top_logprobs (0..20).
+        self.top_logprobs = params.get("top_logprobs", 0) if params.get("logprobs") else None
+        self.logprob_items: list = []   # OpenAI's logprobs.content, one per generated token
 
     # ---- engine thread ----
     def prepare(self, models: dict) -> None:
@@ -53,6 +56,8 @@ class Generation:
                 raise RpcError(CONTEXT_LENGTH_EXCEEDED, f"the prompt has {len(ids)} tokens but model {loaded.id!r} has a context of {ctx}; shorten the prompt",
                                prompt_tokens=len(ids), context_length=ctx)
             max_tokens = min(max_tokens, ctx - len(ids))
+        if "top_logprobs" in params and not params.get("logprobs"):
+            raise RpcError(INVALID_PARAMS, "top_logprobs needs logprobs: true (as in OpenAI's API)", path="/top_logprobs")
         vocab_size = loaded.config.get("vocab_size") or (loaded.config.get("text_config") or {}).get("vocab_size")
         sampling.check_against_model(params, vocab_size)
         self.prompt_ids = ids
@@ -67,16 +72,20 @@ class Generation:
         if self.stream:
             opts = params.get("stream_options") or {}
             self.buf = ChunkBuffer(self.req.id, opts.get("chunk_tokens", loaded.info["chunk_tokens"]),
-                                   opts.get("max_latency_ms", spec.default("generate", "stream_options", "max_latency_ms")) / 1000.0)
+                                   opts.get("max_latency_ms", spec.default("generate", "stream_options", "max_latency_ms")) / 1000.0,
+                                   with_logprobs=self.top_logprobs is not None)
         self.detok = loaded.tokenizer.detokenizer
+        if self.top_logprobs is not None:
+            self._table = logprobs.table(loaded.tokenizer)
 
     def begin(self, cached_tokens: int) -> None:
         """The runner starts work on this request (after any wait for a batch slot)."""
         self.started = time.monotonic()
         self.cached_tokens = cached_tokens
 
-    def on_token(self, token: int) -> bool:
-        """Take one generated token; returns True when this request has now ended (and answered)."""
+    def on_token(self, token: int, lp=None) -> bool:
+        """Take one generated token (and, when logprobs were asked for, lp = (its logprob, top
+        alternatives) from logprobs.pick); returns True when this request has now ended (and answered)."""
         if self.first_at is None:
             self.first_at = time.monotonic()
         if token in self.stop_ids:
@@ -86,8 +95,12 @@ class Generation:
         self.tokens.append(token)
         self.detok.add_token(token)
         piece = self.stops.feed(self.detok.last_segment)
+        item = None
+        if self.top_logprobs is not None and lp is not None:
+            item = logprobs.entry(self._table, token, lp[0], lp[1])
+            self.logprob_items.append(item)
         if self.buf is not None:
-            self.writer.add_tokens(self.buf, token, piece, flush=self.completion == 1)
+            self.writer.add_tokens(self.buf, token, piece, flush=self.completion == 1, logprobs=item)
         if self.stops.stopped:
             self.finish("stop")
             return True
@@ -141,6 +154,8 @@ class Generation:
         }
         if self.constraint is not None:
             result.update(self.constraint.result(result["text"], reason, self.stops.stopped))
+        if self.top_logprobs is not None:
+            result["logprobs"] = {"content": self.logprob_items}
         self.done = True
         self.req.respond(result, self.buf)
 

@@ -10,6 +10,7 @@ mlx-lm's LRUPromptCache."""
 import collections
 import logging
 
+from . import logprobs
 from .errors import CANCELLED, GENERATION_FAILED, RpcError
 from .sampling import heal_random_state
 
@@ -131,7 +132,8 @@ class ModelRunner:
     def _step_solo(self) -> None:
         gen = self.solo
         try:
-            token, _ = next(self._solo_tokens)
+            token, row = next(self._solo_tokens)
+            lp = logprobs.pick([row], [token], [gen.top_logprobs])[0] if gen.top_logprobs is not None else None
         except StopIteration:
             gen.finish("length")
             return self._end_solo()
@@ -141,7 +143,7 @@ class ModelRunner:
             log.exception("generation failed")
             heal_random_state()
             return self._end_solo(RpcError(GENERATION_FAILED, f"generation failed: {type(e).__name__}: {e}"))
-        if gen.on_token(token):
+        if gen.on_token(token, lp):
             self._end_solo()
 
     def _end_solo(self, error=None) -> None:
@@ -212,11 +214,12 @@ class ModelRunner:
             self.generator = None
             return
         ended = []
+        picked = self._pick_logprobs(responses)
         for r in responses:
             gen = self.active.get(r.uid)
             if gen is None:
                 continue
-            if gen.on_token(r.token) or r.finish_reason is not None:
+            if gen.on_token(r.token, picked.get(r.uid)) or r.finish_reason is not None:
                 if not gen.done:  # the generator's own length limit (ours matches it)
                     gen.finish("length")
                 del self.active[r.uid]
@@ -228,3 +231,17 @@ class ModelRunner:
             caches = self.generator.remove(ended, return_prompt_caches=True)
             for uid, (cache, tokens) in caches.items():
                 self._remember(tokens, cache)
+
+    def _pick_logprobs(self, responses) -> dict:
+        """uid → (logprob, top alternatives) for the requests that asked for logprobs: one top-k
+        over all their rows at once. Nothing at all happens when none asked."""
+        want = [r for r in responses if r.uid in self.active and self.active[r.uid].top_logprobs is not None]
+        if not want:
+            return {}
+        try:
+            picks = logprobs.pick([r.logprobs for r in want], [r.token for r in want],
+                                  [self.active[r.uid].top_logprobs for r in want])
+        except Exception:
+            log.exception("could not compute logprobs")
+            return {}
+        return {r.uid: p for r, p in zip(want, picks)}

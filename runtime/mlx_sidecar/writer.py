@@ -21,9 +21,9 @@ class ChunkBuffer:
     """Tokens and text of one streaming request, filled by the engine and drained by the writer."""
 
     __slots__ = ("request_id", "chunk_tokens", "max_latency", "lock", "token_ids", "text",
-                 "since", "index", "flush_asked", "timer_set", "closed")
+                 "since", "index", "flush_asked", "timer_set", "closed", "logprobs", "extra")
 
-    def __init__(self, request_id, chunk_tokens: int, max_latency: float):
+    def __init__(self, request_id, chunk_tokens: int, max_latency: float, with_logprobs: bool = False):
         self.request_id = request_id
         self.chunk_tokens = chunk_tokens
         self.max_latency = max_latency
@@ -35,16 +35,24 @@ class ChunkBuffer:
         self.flush_asked = False
         self.timer_set = False
         self.closed = False
+        self.logprobs = [] if with_logprobs else None   # one item per token id, when asked for
+        self.extra: dict = {}  # other chunk fields (a tool_calls delta), merged into the next chunk
 
     def take(self):
         """The pending chunk's params, or None when nothing is buffered. Caller holds no lock."""
         with self.lock:
             self.flush_asked = False
             self.timer_set = False
-            if not self.token_ids and not self.text:
+            if not self.token_ids and not self.text and not self.extra:
                 return None
             params = {"id": self.request_id, "index": self.index,
                       "text": "".join(self.text), "token_ids": self.token_ids}
+            if self.logprobs is not None:
+                params["logprobs"] = self.logprobs
+                self.logprobs = []
+            if self.extra:
+                params.update(self.extra)
+                self.extra = {}
             self.index += 1
             self.token_ids = []
             self.text = []
@@ -67,18 +75,26 @@ class Writer:
     def send(self, message) -> None:
         self._q.put(("msg", message))
 
-    def add_tokens(self, buf: ChunkBuffer, token_ids, text: str, flush: bool) -> None:
-        """Engine side: buffer new tokens/text; ask for a chunk now (flush) or by the deadline."""
+    def add_tokens(self, buf: ChunkBuffer, token_ids, text: str, flush: bool, logprobs=None, extra=None) -> None:
+        """Engine side: buffer new tokens/text (and a logprobs item per token, other chunk fields);
+        ask for a chunk now (flush) or by the deadline."""
         now = _monotonic()
         with buf.lock:
-            if not buf.token_ids and not buf.text:
+            if not buf.token_ids and not buf.text and not buf.extra:
                 buf.since = now
             if isinstance(token_ids, int):
                 buf.token_ids.append(token_ids)
+                if logprobs is not None and buf.logprobs is not None:
+                    buf.logprobs.append(logprobs)
             else:
                 buf.token_ids.extend(token_ids)
+                if logprobs is not None and buf.logprobs is not None:
+                    buf.logprobs.extend(logprobs)
             if text:
                 buf.text.append(text)
+            if extra:
+                for key, value in extra.items():
+                    buf.extra[key] = buf.extra.get(key, []) + value  # lists of deltas accumulate
             n = len(buf.token_ids)
             ask_flush = (flush or n >= buf.chunk_tokens or buf.max_latency <= 0) and not buf.flush_asked
             if ask_flush:
