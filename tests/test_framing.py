@@ -176,7 +176,7 @@ def test_lsp_header_over_8k_then_a_frame_in_the_same_write(spawn):
 
 
 def test_msgpack_resync_after_100k_of_array_headers(spawn):
-    """Was quadratic (~10 s) and answered the ping inside an array; a generous bound here."""
+    """Was quadratic (~17 s) and answered the ping inside an array; a generous bound here."""
     p = spawn("msgpack")
     assert p.request("runtime/ping")[0]["result"] == {}
     t0 = time.monotonic()
@@ -184,7 +184,7 @@ def test_msgpack_resync_after_100k_of_array_headers(spawn):
     err = p.recv()
     assert err["error"]["code"] == -32700
     assert p.recv() == PONG  # a single response, not [PONG]
-    assert time.monotonic() - t0 < 5.0
+    assert time.monotonic() - t0 < 8.0
     p.send(PING)
     assert p.recv() == PONG
 

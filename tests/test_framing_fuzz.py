@@ -269,11 +269,12 @@ PATHOLOGICAL = {
 @pytest.mark.parametrize("name,garbage", [(n, g) for n, gs in PATHOLOGICAL.items() for g in gs],
                          ids=lambda v: v if isinstance(v, str) else f"{v[:8]!r}x{len(v)}")
 def test_resync_after_much_garbage_is_fast(name, garbage):
-    """A generous bound: 200 KB of garbage took ~10 s before resync was linear; now milliseconds."""
+    """A generous bound for a noisy machine: 100 KB of 0x91 took ~17 s when resync was quadratic
+    (200 KB: about a minute); now each case takes well under a second."""
     data = garbage + encode(name, TAIL)
     t0 = time.monotonic()
     frames = read_all(name, data, max_frame=1 << 16)
-    assert time.monotonic() - t0 < 3.0
+    assert time.monotonic() - t0 < 10.0
     assert frames[-1].message == TAIL  # a single request comes back as a single request
     assert sum(f.error is not None for f in frames) <= 3
 

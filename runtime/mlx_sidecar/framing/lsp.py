@@ -39,6 +39,10 @@ class Reader(BaseReader):
         while True:
             if self._resync_from is not None and not self._resync():
                 return
+            if buf[:1] in (b"\r", b"\n"):  # line ends between frames: drop them all at once
+                drop = len(buf) - len(buf.lstrip(b"\r\n"))
+                del buf[:drop]
+                self._scanned = max(0, self._scanned - drop)
             # The earliest blank line ends the header block; none within 8 KiB means a bad block.
             m = _BLANK_LINE.search(buf, max(0, self._scanned - 2), MAX_HEADER_BYTES + 4)
             if m is None:
