@@ -129,3 +129,55 @@ def test_top_k_equals_a_full_sort(shape):
         want = np.argsort(-a, axis=-1, kind="stable")[:, :k]
         assert (vals == np.take_along_axis(a, want, -1)).all()
         assert (ids == want).all()
+
+
+@pytest.fixture(scope="module")
+def full_rows(tiny_model):
+    """In-process: the log-softmax rows of a whole token sequence in one forward pass."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    model, tokenizer = load(tiny_model)
+
+    def run(tokens):
+        logits = model(mx.array(tokens)[None])[0]
+        return tokenizer, np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+    return run
+
+
+def test_score_a_prompt_matches_one_forward_pass(loaded, full_rows):
+    # Longer than a prefill step (512), so the KV-cached steps are checked too.
+    text = "The capital of France is Paris. " * 70
+    answer, _ = loaded.request("score", {"model": "m", "prompt": text, "top_logprobs": 3})
+    result = answer["result"]
+    content = result["logprobs"]["content"]
+    tokens = [i["token_id"] for i in content]
+    assert len(tokens) == result["usage"]["prompt_tokens"] > 512 and result["usage"]["completion_tokens"] == 0
+    _, rows = full_rows(tokens)
+    assert content[0]["logprob"] is None and content[0]["top_logprobs"] == []
+    for pos in range(1, len(tokens)):
+        assert abs(content[pos]["logprob"] - rows[pos - 1, tokens[pos]]) < TOL
+        want = np.argsort(-rows[pos - 1], kind="stable")[:3]
+        got = [a["logprob"] for a in content[pos]["top_logprobs"]]
+        assert np.allclose(got, [float(rows[pos - 1, t]) for t in want], atol=TOL, rtol=0)
+    assert abs(result["total_logprob"] - sum(rows[p - 1, tokens[p]] for p in range(1, len(tokens)))) < 1e-2
+
+
+def test_score_a_completion_and_bad_input(loaded, full_rows):
+    answer, _ = loaded.request("score", {"model": "m", "prompt": "Hello", "completion": " world"})
+    result = answer["result"]
+    prompt_ids = loaded.request("tokenize", {"model": "m", "text": "Hello"})[0]["result"]["tokens"]
+    content = result["logprobs"]["content"]
+    assert result["usage"]["prompt_tokens"] == len(prompt_ids) and len(content) == result["usage"]["completion_tokens"] >= 1
+    tokenizer, rows = full_rows(prompt_ids + [i["token_id"] for i in content])
+    assert tokenizer.decode([i["token_id"] for i in content]) == " world"
+    for j, item in enumerate(content):
+        assert abs(item["logprob"] - rows[len(prompt_ids) - 1 + j, item["token_id"]]) < TOL
+    assert abs(result["total_logprob"] - sum(i["logprob"] for i in content)) < 1e-6
+    for params, path in [({"prompt": "x", "top_logprobs": 21}, "/top_logprobs"), ({"prompt": "x", "completion": ""}, "/completion"),
+                         ({"prompt": "x", "messages": [{"role": "user", "content": "x"}]}, "/messages")]:
+        answer, _ = loaded.request("score", {"model": "m", **params})
+        assert answer["error"]["code"] == -32602 and answer["error"]["data"]["path"] == path, answer
+    answer, _ = loaded.request("score", {"model": "nope", "prompt": "x"})
+    assert answer["error"]["code"] == -32000

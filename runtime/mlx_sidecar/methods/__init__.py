@@ -2,7 +2,7 @@
 
 PENDING = object()
 
-from . import generate, lifecycle, model, runtime, tokenize  # noqa: E402
+from . import generate, lifecycle, model, runtime, score, tokenize  # noqa: E402
 
 HANDLERS = {
     "initialize": lifecycle.initialize,
@@ -14,6 +14,7 @@ HANDLERS = {
     "model/unload": model.unload,
     "model/list": model.list_models,
     "generate": generate.generate,
+    "score": score.score,
     "tokenize": tokenize.tokenize,
     "detokenize": tokenize.detokenize,
 }
