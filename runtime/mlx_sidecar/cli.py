@@ -26,8 +26,21 @@ def parse_args(argv=None):
                    help="generate requests waiting per model beyond --max-batch; more are refused as overloaded (default: %(default)s)")
     p.add_argument("--prompt-cache-bytes", type=int, default=defaults.PROMPT_CACHE_BYTES, metavar="BYTES",
                    help="KV cache kept per model for reuse by prompts with a shared prefix; 0 turns it off (default: %(default)s)")
+    p.add_argument("--max-image-side", type=int, default=0, metavar="PIXELS",
+                   help="images are shrunk so their longest side is at most this (default: by memory: 1024 at >= 64 GB, 768 at >= 32 GB, else 512)")
+    p.add_argument("--max-images", type=int, default=16, metavar="N", help="images per generate request (default: %(default)s)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image URLs (off by default: the runtime never reaches the network by surprise)")
     p.add_argument("--version", action="version", version=f"mlx-sidecar {__version__}")
     return p.parse_args(argv)
+
+
+def image_options(args):
+    from .images import Options
+
+    if args.max_image_side < 0 or args.max_images < 0:
+        raise SystemExit("mlx-sidecar: --max-image-side and --max-images must be >= 0")
+    return Options(max_side=args.max_image_side, max_images=args.max_images, allow_remote=args.allow_remote_images)
 
 
 def main(argv=None) -> int:
@@ -40,7 +53,8 @@ def main(argv=None) -> int:
     if args.max_batch < 1 or args.max_queue < 0 or args.prompt_cache_bytes < 0:
         raise SystemExit("mlx-sidecar: --max-batch must be >= 1, --max-queue and --prompt-cache-bytes >= 0")
     server = Server(args.framing, args.max_frame_bytes, preload=args.model, max_batch=args.max_batch,
-                    max_queue=args.max_queue, prompt_cache_bytes=args.prompt_cache_bytes)
+                    max_queue=args.max_queue, prompt_cache_bytes=args.prompt_cache_bytes,
+                    image_options=image_options(args))
     install_signal_handlers(server)
     code = server.serve(0, out_fd)
     logging.shutdown()

@@ -19,6 +19,7 @@ class Context:
         self.max_frame_bytes = max_frame_bytes
         self.framing = framing            # set once the first bytes are read
         self.writer = None                # likewise
+        self.images = None                # images.Options: the image limits and resize budget
         self.started_at = time.monotonic()
         self._versions = None
 

@@ -171,7 +171,11 @@ class Engine:
             return
         runner = self._runners.get(gen.model_id)
         if runner is None or runner.loaded is not gen.loaded:
-            runner = self._runners[gen.model_id] = ModelRunner(gen.loaded, self.max_batch, self.prompt_cache_bytes)
+            # Vision models have their own runner (vision.py); text models decode in runners.py.
+            make = ModelRunner
+            if gen.loaded.kind == "vision":
+                from .vision import VisionRunner as make
+            runner = self._runners[gen.model_id] = make(gen.loaded, self.max_batch, self.prompt_cache_bytes)
         runner.add(gen)
 
     def abort_model(self, model_id: str) -> None:

@@ -5,7 +5,7 @@ token it gets (text, stop strings, chunks), up to its one response. Where the to
 import logging
 import time
 
-from . import constraints, logprobs, prompts, sampling, spec
+from . import constraints, logprobs, prompts, sampling, spec, tools
 from .errors import CONTEXT_LENGTH_EXCEEDED, GENERATION_FAILED, INVALID_PARAMS, RpcError, model_not_found
 from .stops import StopText
 from .writer import ChunkBuffer
@@ -32,6 +32,11 @@ class Generation:
         self.detok = None
         self.done = False
         self.constraint = None          # response_format's logits processor (constraints.py)
+        self.images = []                # decoded images (images.py), set before the engine sees it
+        self.vision = None              # a vision model's prepared inputs (vision.py)
+        self.format = params.get("response_format")   # or a forced tool call's grammar (tools.py)
+        self.tool_plan = None           # tools.Plan when the request has tools
+        self.tool_out = None            # tools.AutoCalls or tools.ForcedCall: calls cut out of the output
         # logprobs: None when not asked for (costs nothing), else top_logprobs (0..20).
         self.top_logprobs = params.get("top_logprobs", 0) if params.get("logprobs") else None
         self.logprob_items: list = []   # OpenAI's logprobs.content, one per generated token
@@ -45,7 +50,15 @@ class Generation:
         self.loaded = loaded
         params = self.params
         self.started = time.monotonic()
-        ids, _ = prompts.render(loaded.tokenizer, params, loaded.id)
+        if loaded.kind == "vision":
+            from . import vision
+
+            self.vision = vision.prepare(loaded, params, self.images)
+            ids = self.vision.ids
+        else:
+            if params.get("images"):
+                raise RpcError(INVALID_PARAMS, f"model {loaded.id!r} takes text only; load a vision model to send images", path="/images/0")
+            ids, _ = self._render(loaded)
         if not ids:
             raise RpcError(INVALID_PARAMS, "the prompt is empty after tokenization; send some text",
                            path="/prompt" if "prompt" in params else "/messages")
@@ -65,9 +78,9 @@ class Generation:
         self.stop_ids = frozenset(loaded.tokenizer.eos_token_ids) | frozenset(params.get("stop_token_ids") or ())
         self.sampler = sampling.make_sampler(params, vocab_size)
         self.processors = sampling.make_logits_processors(params)
-        if params.get("response_format"):
+        if self.format:
             # The format's mask runs last, after any bias or penalty.
-            self.constraint = constraints.start(loaded, params["response_format"], self.stop_ids)
+            self.constraint = constraints.start(loaded, self.format, self.stop_ids)
             self.processors = list(self.processors) + [self.constraint]
         if self.stream:
             opts = params.get("stream_options") or {}
@@ -77,6 +90,40 @@ class Generation:
         self.detok = loaded.tokenizer.detokenizer
         if self.top_logprobs is not None:
             self._table = logprobs.table(loaded.tokenizer)
+
+    def _render(self, loaded):
+        """Token ids of the prompt; with tools, through the template or the fallback prompt."""
+        plan = self.tool_plan
+        if plan is None:
+            return prompts.render(loaded.tokenizer, self.params, loaded.id)
+        tok = loaded.tokenizer
+        messages, template_tools = tools.render_messages(tok, plan, self.params["messages"])
+        if plan.forced:
+            self.tool_out = tools.ForcedCall()
+        elif plan.choice == "auto":
+            if tools.template_route(tok):
+                self.tool_out = tools.AutoCalls(tok.tool_call_start, tok.tool_call_end, tok.tool_parser, plan.tools)
+            else:
+                from mlx_lm.tool_parsers import json_tools
+
+                self.tool_out = tools.AutoCalls(tools.FALLBACK_START, tools.FALLBACK_END, json_tools.parse_tool_call, plan.tools)
+        return prompts.render(tok, {**self.params, "messages": messages}, loaded.id, tools=template_tools)
+
+    def _cut_calls(self, piece: str):
+        """(text to send, tool_calls deltas) for newly released text."""
+        out = self.tool_out
+        if out is None:
+            return piece, None
+        if isinstance(out, tools.ForcedCall):
+            return "", out.feed(piece) or None
+        text, deltas = out.feed(piece)
+        return text, deltas or None
+
+    def _text(self) -> str:
+        out = self.tool_out
+        if out is None:
+            return self.stops.text
+        return "" if isinstance(out, tools.ForcedCall) else out.text
 
     def begin(self, cached_tokens: int) -> None:
         """The runner starts work on this request (after any wait for a batch slot)."""
@@ -95,12 +142,16 @@ class Generation:
         self.tokens.append(token)
         self.detok.add_token(token)
         piece = self.stops.feed(self.detok.last_segment)
+        deltas = None
+        if self.tool_out is not None:
+            piece, deltas = self._cut_calls(piece)
         item = None
         if self.top_logprobs is not None and lp is not None:
             item = logprobs.entry(self._table, token, lp[0], lp[1])
             self.logprob_items.append(item)
         if self.buf is not None:
-            self.writer.add_tokens(self.buf, token, piece, flush=self.completion == 1, logprobs=item)
+            self.writer.add_tokens(self.buf, token, piece, flush=self.completion == 1, logprobs=item,
+                                   extra={"tool_calls": deltas} if deltas else None)
         if self.stops.stopped:
             self.finish("stop")
             return True
@@ -124,8 +175,18 @@ class Generation:
         piece = self.stops.feed(self.detok.last_segment)
         if not self.stops.stopped:
             piece += self.stops.rest()
-        if piece and self.buf is not None:
-            self.writer.add_tokens(self.buf, (), piece, flush=False)
+        deltas = None
+        if self.tool_out is not None:
+            piece, deltas = self._cut_calls(piece)
+            if isinstance(self.tool_out, tools.AutoCalls):
+                rest, more = self.tool_out.finish()
+                piece, deltas = piece + rest, (deltas or []) + more or None
+            elif self.tool_out.result() is None:
+                # A forced call cut short (max_tokens, a stop string): its text is the answer.
+                piece = self.tool_out.raw
+                self.tool_out = None
+        if (piece or deltas) and self.buf is not None:
+            self.writer.add_tokens(self.buf, (), piece, flush=False, extra={"tool_calls": deltas} if deltas else None)
 
     def usage(self) -> dict:
         usage = {"prompt_tokens": len(self.prompt_ids), "completion_tokens": self.completion,
@@ -140,7 +201,7 @@ class Generation:
         first = self.first_at or now
         decode_s = now - first
         result = {
-            "text": self.stops.text,
+            "text": self._text(),
             "finish_reason": reason,
             "usage": self.usage(),
             "timings": {
@@ -152,7 +213,11 @@ class Generation:
             },
             "model": self.model_id,
         }
-        if self.constraint is not None:
+        if self.vision is not None and self.vision.images:
+            result["images"] = self.vision.images
+        if self.tool_plan is not None:
+            self._tool_result(result)
+        elif self.constraint is not None:
             result.update(self.constraint.result(result["text"], reason, self.stops.stopped))
         if self.top_logprobs is not None:
             result["logprobs"] = {"content": self.logprob_items}
@@ -163,10 +228,28 @@ class Generation:
         """End with an error that carries the text so far and usage (cancelled, unloaded, failed)."""
         self._drain_text()
         error.data.setdefault("finish_reason", "cancelled" if error.data.get("type") == "cancelled" else "error")
-        error.data["text"] = self.stops.text
+        error.data["text"] = self._text()
         error.data["usage"] = self.usage()
         self.done = True
         self.req.fail(error, self.buf)
+
+
+    def _tool_result(self, result: dict) -> None:
+        out = self.tool_out
+        calls = []
+        if isinstance(out, tools.ForcedCall):
+            calls = [out.result()]
+        elif isinstance(out, tools.AutoCalls):
+            calls = out.calls
+            if out.error:
+                result["tool_parse_error"] = out.error
+        elif self.tool_plan.forced:  # cut short: the partial call is the text
+            result["tool_parse_error"] = "the output ended before the tool call was complete; it is left in the text"
+            result["text"] = self.stops.text
+        if calls:
+            result["tool_calls"] = calls
+            if result["finish_reason"] == "stop":
+                result["finish_reason"] = "tool_calls"
 
 
 def _stop_list(stop) -> list[str]:

@@ -18,11 +18,12 @@ class LoadedModel:
     id: str
     source: str
     path: Path
-    kind: str            # "llm" or "vlm"
+    kind: str            # "llm" or "vision"
     model: Any
     tokenizer: Any       # mlx-lm's TokenizerWrapper
     config: dict
     info: dict = field(default_factory=dict)   # the ModelInfo the protocol reports
+    processor: Any = None  # vision models: mlx-vlm's processor (vision.py)
 
     @property
     def context_length(self) -> int | None:
@@ -67,11 +68,7 @@ def _resolve(source: str, progress) -> Path:
 
 def load(source: str, *, model_id: str, dtype: str, trust_remote_code: bool, device_type: str,
          progress: Callable[[float, str], None]) -> LoadedModel:
-    """Load a model with mlx-lm, apply the dtype policy, and measure it. Engine thread only."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_map
-    from mlx_lm.utils import dequantize_model, get_total_parameters, load as mlx_lm_load
-
+    """Load a model with mlx-lm (vision models with mlx-vlm), apply the dtype policy, and measure it. Engine thread only."""
     started = time.perf_counter()
     path = _resolve(source, progress)
     if not path.is_dir():
@@ -83,9 +80,20 @@ def load(source: str, *, model_id: str, dtype: str, trust_remote_code: bool, dev
         config = json.loads(config_file.read_text())
     except ValueError as e:
         raise RpcError(MODEL_LOAD_FAILED, f"{config_file} is not valid JSON: {e}", type="invalid_model", model=source) from None
-    if "vision_config" in config:
-        raise RpcError(MODEL_LOAD_FAILED, f"{source!r} is a vision-language model ({config.get('model_type')}); this runtime does not load VLMs yet", type="unsupported_architecture", model=source)
+    from . import vision
+
+    kind, processor = "vision" if vision.is_vision_config(config) else "llm", None
     progress(0.5, "loading weights")
+    if kind == "vision":
+        model, tokenizer, processor = vision.load_parts(path, source, config, trust_remote_code)
+    else:
+        model, tokenizer = _load_text(path, source, trust_remote_code)
+    return _finish(source, model_id, path, config, kind, model, tokenizer, processor, dtype, device_type, started)
+
+
+def _load_text(path: Path, source: str, trust_remote_code: bool):
+    from mlx_lm.utils import load as mlx_lm_load
+
     try:
         model, tokenizer = mlx_lm_load(str(path), lazy=True, trust_remote_code=trust_remote_code,
                                        tokenizer_config={"trust_remote_code": True} if trust_remote_code else None)
@@ -99,6 +107,14 @@ def load(source: str, *, model_id: str, dtype: str, trust_remote_code: bool, dev
         raise RpcError(MODEL_LOAD_FAILED, f"could not load {source!r}: {e}", type="invalid_model", model=source) from None
     except Exception as e:
         raise RpcError(MODEL_LOAD_FAILED, f"could not load {source!r}: {type(e).__name__}: {e}", type="model_load_failed", model=source) from None
+    return model, tokenizer
+
+
+def _finish(source, model_id, path, config, kind, model, tokenizer, processor, dtype, device_type, started) -> LoadedModel:
+    """Apply the dtype policy and measure the model."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_map
+    from mlx_lm.utils import dequantize_model, get_total_parameters
 
     parameters = int(get_total_parameters(model))
     quantization = config.get("quantization") or config.get("quantization_config")
@@ -119,7 +135,7 @@ def load(source: str, *, model_id: str, dtype: str, trust_remote_code: bool, dev
     memory_bytes = sum(a.nbytes for _, a in params)
     info = {
         "id": model_id,
-        "kind": "llm",
+        "kind": kind,
         "path": str(path),
         "architecture": str(config.get("model_type", "unknown")),
         "parameters": parameters,
@@ -130,8 +146,12 @@ def load(source: str, *, model_id: str, dtype: str, trust_remote_code: bool, dev
         "load_ms": round((time.perf_counter() - started) * 1000, 1),
         "chunk_tokens": chunk_tokens_for(parameters),
     }
-    return LoadedModel(id=model_id, source=source, path=path, kind="llm", model=model,
-                       tokenizer=tokenizer, config=config, info=info)
+    if kind == "vision":
+        from .vision import describe
+
+        info["vision"] = describe(processor, config)
+    return LoadedModel(id=model_id, source=source, path=path, kind=kind, model=model,
+                       tokenizer=tokenizer, config=config, info=info, processor=processor)
 
 
 def _quantization_info(q) -> dict | None:
@@ -149,5 +169,6 @@ def release(loaded: LoadedModel) -> None:
 
     loaded.model = None
     loaded.tokenizer = None
+    loaded.processor = None
     gc.collect()
     mx.clear_cache()

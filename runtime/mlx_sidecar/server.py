@@ -29,7 +29,7 @@ class Server:
 
     def __init__(self, framing_name: str = "auto", max_frame_bytes: int = framing.DEFAULT_MAX_FRAME_BYTES,
                  preload: list[str] = (), max_batch: int = defaults.MAX_BATCH, max_queue: int = defaults.MAX_QUEUE,
-                 prompt_cache_bytes: int = defaults.PROMPT_CACHE_BYTES):
+                 prompt_cache_bytes: int = defaults.PROMPT_CACHE_BYTES, image_options=None):
         self.requested_framing = framing_name
         self.preload = list(preload)
         self._eof = False               # stdin has ended
@@ -40,6 +40,9 @@ class Server:
         self.engine = Engine(max_batch, prompt_cache_bytes,
                              stalled=lambda: self.ctx.writer is not None and self.ctx.writer.stalled())
         self.ctx = Context(self.engine, self.inflight, self.stop, max_frame_bytes, framing_name)
+        from .images import Options
+
+        self.ctx.images = image_options if image_options is not None else Options()
 
     # ---- lifecycle ----
     def serve(self, in_fd: int, out_fd: int) -> int:

@@ -1,7 +1,7 @@
-"""generate: checked here, then queued for the engine, which streams chunks and answers. A
-response_format is checked and compiled on a worker first (constraints.py)."""
+"""generate: checked here, then queued for the engine, which streams chunks and answers. Images are
+decoded (images.py) and a response_format is checked and compiled (constraints.py) on workers first."""
 
-from .. import constraints
+from .. import constraints, images
 from ..generation import Generation
 from . import PENDING
 
@@ -12,8 +12,16 @@ def generate(ctx, req):
     req.partial = {"finish_reason": "cancelled", "text": "",
                    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
     gen = Generation(req, req.params, ctx.writer)
-    if req.params.get("response_format"):
-        constraints.compile_then_queue(ctx, gen)
+
+    def queue():
+        if req.params.get("response_format"):
+            constraints.compile_then_queue(ctx, gen)
+        else:
+            ctx.engine.generate(gen)
+
+    loaded = ctx.engine.models.get(req.params["model"])
+    if images.image_parts(req.params) and (loaded is None or loaded.kind == "vision"):
+        images.decode_then(ctx, gen, queue)  # decoded off the engine thread; a text model refuses them there
     else:
-        ctx.engine.generate(gen)
+        queue()
     return PENDING

@@ -54,6 +54,8 @@ def _load(ctx, engine, req, source, model_id):
         progress(1.0, "failed", end=True)
         raise
     progress(1.0, "done", end=True)
+    if loaded.kind == "vision" and ctx.images is not None:
+        loaded.info["vision"].update(max_image_side=ctx.images.max_side, max_images=ctx.images.max_images)
     engine.models[model_id] = loaded
     log.info("loaded %s as %r in %.0f ms", source, model_id, loaded.info["load_ms"])
     return loaded.info

@@ -32,8 +32,11 @@ class InProcess:
         a = parse_args(list(args))
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
+        from ..cli import image_options
+
         self.server = Server(a.framing, a.max_frame_bytes, preload=a.model, max_batch=a.max_batch,
-                             max_queue=a.max_queue, prompt_cache_bytes=a.prompt_cache_bytes)
+                             max_queue=a.max_queue, prompt_cache_bytes=a.prompt_cache_bytes,
+                             image_options=image_options(a))
         self.stdin = os.fdopen(in_w, "wb", buffering=0)
         self.stdout = os.fdopen(out_r, "rb", buffering=0)
         self.stderr = None

@@ -1,0 +1,360 @@
+"""Vision models through mlx-vlm: loading them offline, turning a request (messages with image
+parts, or a raw prompt with `images`) into the model's inputs with its own chat template and
+processor, and the runner that decodes them on the engine thread.
+
+Requests for one vision model run one at a time through mlx-vlm's generate_step (streamed token
+by token; cancel is seen between tokens). Earlier requests' KV caches are kept, bounded by bytes,
+and a new prompt that shares a prefix with one (the same image, by content hash, then a new text
+question) prefills only its new text."""
+
+import collections
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+from .errors import CANCELLED, GENERATION_FAILED, INVALID_PARAMS, MODEL_LOAD_FAILED, RpcError
+from .sampling import heal_random_state
+
+log = logging.getLogger(__name__)
+
+PREFILL_STEP = 512
+CACHE_ENTRIES = 8            # KV caches kept per vision model (also bounded by bytes)
+
+
+def is_vision_config(config: dict) -> bool:
+    return isinstance(config.get("vision_config"), dict)
+
+
+# ---- loading ----
+@contextlib.contextmanager
+def _hub_offline():
+    """While a local directory loads, the hub client refuses every request: a missing processor
+    file is then a local miss, never a surprise download."""
+    import huggingface_hub.constants as hub
+
+    before = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = before
+
+
+def load_parts(path, source: str, config: dict, trust_remote_code: bool):
+    """(model, mlx-lm tokenizer wrapper, processor) for a vision model directory."""
+    try:
+        from mlx_vlm.utils import get_model_and_args, load as vlm_load
+    except ImportError:
+        raise RpcError(MODEL_LOAD_FAILED, f"{source!r} is a vision model ({config.get('model_type')}) but mlx-vlm is not installed; "
+                       "install the vlm extra (pip install 'mlx-sidecar[vlm]')", type="unsupported_architecture", model=source) from None
+    try:
+        get_model_and_args(dict(config))
+    except ValueError:
+        raise RpcError(MODEL_LOAD_FAILED, f"{source!r} is a vision model of type {config.get('model_type')!r}, which mlx-vlm does not support",
+                       type="unsupported_architecture", model=source) from None
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    eos = config.get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    try:
+        with _hub_offline():
+            model, processor = vlm_load(str(path), lazy=True, trust_remote_code=trust_remote_code)
+            tokenizer = load_tokenizer(path, {"trust_remote_code": True} if trust_remote_code else None, eos_token_ids=eos)
+    except RpcError:
+        raise
+    except Exception as e:
+        text = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+        kind = "trust_remote_code_required" if "trust_remote_code" in text else "invalid_model"
+        raise RpcError(MODEL_LOAD_FAILED, f"could not load the vision model {source!r}: {text}", type=kind, model=source) from None
+    return model, tokenizer, processor
+
+
+def describe(processor, config: dict) -> dict:
+    """What the processor accepts, for model/load and model/list."""
+    ip = getattr(processor, "image_processor", None)
+    info = {"image_token": getattr(processor, "image_token", None)}
+    for key in ("min_pixels", "max_pixels", "patch_size", "merge_size"):
+        value = getattr(ip, key, None)
+        if value is None and isinstance(getattr(ip, "size", None), dict):
+            value = ip.size.get({"min_pixels": "shortest_edge", "max_pixels": "longest_edge"}.get(key, key))
+        info[key] = int(value) if isinstance(value, (int, float)) else None
+    cell = (info["patch_size"] or 0) * (info["merge_size"] or 1)
+    for key, pixels in (("min_image_tokens", info["min_pixels"]), ("max_image_tokens", info["max_pixels"])):
+        info[key] = max(1, pixels // (cell * cell)) if cell and pixels else None
+    return {k: v for k, v in info.items() if v is not None}
+
+
+# ---- one request's inputs (engine thread) ----
+@dataclass
+class Inputs:
+    ids: list
+    input_ids: object
+    pixel_values: object
+    mask: object
+    extra: dict
+    image_keys: tuple = ()
+    images: list = field(default_factory=list)   # what the result reports per image
+
+
+def _messages(params: dict, images) -> list:
+    """OpenAI messages → mlx-vlm's shape: ordered text and {"type": "image"} parts."""
+    out = []
+    for i, m in enumerate(params["messages"]):
+        content = m.get("content")
+        msg = {k: v for k, v in m.items() if k != "content"}
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if part["type"] == "text":
+                    parts.append({"type": "text", "text": part["text"]})
+                else:
+                    if m["role"] != "user":
+                        raise RpcError(INVALID_PARAMS, f"/messages/{i}/content/{j}: images go in user messages, not {m['role']} ones",
+                                       path=f"/messages/{i}/content/{j}")
+                    parts.append({"type": "image"})
+            content = parts if any(p["type"] == "image" for p in parts) else "\n".join(p["text"] for p in parts)
+        msg["content"] = "" if content is None else content
+        out.append(msg)
+    return out
+
+
+def _image_runs(ids, image_ids) -> list:
+    """(start, end) of each run of image placeholder tokens: one run per image."""
+    runs, start = [], None
+    for n, t in enumerate(ids):
+        if t in image_ids:
+            if start is None:
+                start = n
+        elif start is not None:
+            runs.append((start, n))
+            start = None
+    if start is not None:
+        runs.append((start, len(ids)))
+    return runs
+
+
+def media_token_ids(model) -> frozenset:
+    cfg = model.config
+    ids = set()
+    for key in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int):
+            ids.add(value)
+    return frozenset(ids)
+
+
+def prepare(loaded, params: dict, images) -> Inputs:
+    """Render the prompt with the model's own template and run its processor over the images."""
+    from mlx_vlm.prompt_utils import apply_chat_template
+    from mlx_vlm.utils import prepare_inputs, should_add_special_tokens
+
+    processor, model = loaded.processor, loaded.model
+    if "messages" in params:
+        try:
+            text = apply_chat_template(processor, model.config, _messages(params, images), num_images=len(images))
+        except RpcError:
+            raise
+        except Exception as e:
+            raise RpcError(INVALID_PARAMS, f"the chat template of {loaded.id!r} rejected these messages: {e}", path="/messages") from None
+        if not isinstance(text, str):
+            raise RpcError(INVALID_PARAMS, f"model {loaded.id!r} has no chat template; send prompt (raw text) with images instead", path="/messages")
+    else:
+        text = params["prompt"]
+        token = getattr(processor, "image_token", None)
+        if images and token and text.count(token) != len(images):
+            raise RpcError(INVALID_PARAMS, f"the prompt has {text.count(token)} image placeholders ({token!r}) but {len(images)} images were sent; "
+                           f"write one {token!r} where each image goes (this model's convention)", path="/images")
+    try:
+        inputs = prepare_inputs(processor, images=[im.pil for im in images] or None, prompts=text,
+                                image_token_index=getattr(model.config, "image_token_index", None),
+                                add_special_tokens=should_add_special_tokens(model.config.model_type, processor))
+    except Exception as e:
+        where = images[0].path if images else ("/messages" if "messages" in params else "/prompt")
+        raise RpcError(INVALID_PARAMS, f"the processor of {loaded.id!r} refused these inputs: {type(e).__name__}: {e}", path=where) from None
+    input_ids = inputs["input_ids"]
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "pixel_values", "attention_mask")}
+    ids = input_ids[0].tolist()
+    runs = _image_runs(ids, media_token_ids(model))
+    grid = extra.get("image_grid_thw")
+    patch = getattr(getattr(processor, "image_processor", None), "patch_size", None)
+    reported = []
+    for n, im in enumerate(images):
+        entry = {"width": im.size[0], "height": im.size[1], "source_width": im.source_size[0], "source_height": im.source_size[1]}
+        if n < len(runs) and len(runs) == len(images):
+            entry["tokens"] = runs[n][1] - runs[n][0]
+        if grid is not None and patch and n < grid.shape[0]:
+            entry["processed_width"] = int(grid[n, 2].item()) * int(patch)
+            entry["processed_height"] = int(grid[n, 1].item()) * int(patch)
+        reported.append(entry)
+    return Inputs(ids=ids, input_ids=input_ids, pixel_values=inputs.get("pixel_values"), mask=inputs.get("attention_mask"),
+                  extra=extra, image_keys=tuple(f"{im.sha256}:{im.size[0]}x{im.size[1]}" for im in images), images=reported)
+
+
+# ---- KV caches of earlier requests ----
+class _Entry:
+    def __init__(self, ids, image_keys, cache):
+        self.ids = ids
+        self.image_keys = image_keys
+        self.cache = cache
+        self.nbytes = sum(getattr(c, "nbytes", 0) for c in cache)
+
+
+class VisionPromptCache:
+    """KV caches of earlier requests, newest last, bounded by count and bytes. A hit takes the
+    entry out (its cache is trimmed and extended in place) and the request puts it back at its end."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.entries: collections.deque = collections.deque()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.entries)
+
+    def take(self, inputs: Inputs, media_ids):
+        """(cache, prefix length) to continue from, or (None, 0)."""
+        ids, keys = inputs.ids, inputs.image_keys
+        runs = _image_runs(ids, media_ids)
+        # The suffix to prefill must be text: the prefix reaches past the last image.
+        floor = runs[-1][1] if runs else 1
+        best, best_len = None, 0
+        for e in self.entries:
+            n = 0
+            limit = min(len(e.ids), len(ids) - 1)   # keep at least one token to feed for logits
+            while n < limit and e.ids[n] == ids[n]:
+                n += 1
+            if n < floor or n <= best_len:
+                continue
+            # The same placeholder tokens stand for any picture of that size: the images must match by
+            # content and size, and an entry's images are never cut off (it stays for others).
+            if e.image_keys != keys:
+                continue
+            best, best_len = e, n
+        if best is None:
+            return None, 0
+        drop = max(getattr(c, "offset", 0) for c in best.cache) - best_len
+        if drop and not all(c.is_trimmable() for c in best.cache):
+            return None, 0
+        self.entries.remove(best)
+        for c in best.cache:
+            if drop:
+                c.trim(drop)
+        return best.cache, best_len
+
+    def put(self, ids, image_keys, cache) -> None:
+        if self.max_bytes <= 0:
+            return
+        offset = max(getattr(c, "offset", 0) for c in cache)
+        ids = list(ids[:offset])
+        if offset > len(ids):
+            for c in cache:
+                c.trim(offset - len(ids))
+        entry = _Entry(ids, image_keys, cache)
+        if entry.nbytes > self.max_bytes:
+            return
+        self.entries.append(entry)
+        while len(self.entries) > CACHE_ENTRIES or self.nbytes > self.max_bytes:
+            self.entries.popleft()
+
+
+# ---- the runner (engine thread) ----
+def _cancelled(why: str = "request cancelled") -> RpcError:
+    return RpcError(CANCELLED, why, finish_reason="cancelled")
+
+
+class VisionRunner:
+    """The engine's runner for one vision model (the same verbs as runners.ModelRunner)."""
+
+    def __init__(self, loaded, max_batch: int, cache_bytes: int):
+        self.loaded = loaded
+        self.max_batch = max_batch
+        self.prompt_cache = VisionPromptCache(cache_bytes)
+        self.media_ids = media_token_ids(loaded.model)
+        self.waiting: collections.deque = collections.deque()
+        self.active: dict = {}
+        self.solo = None
+        self._tokens = None           # generate_step's iterator
+        self._cache = None            # its KV cache
+        self._fed: list = []          # tokens generate_step has yielded (all fed into the cache)
+
+    def __len__(self) -> int:
+        return len(self.waiting) + (self.solo is not None)
+
+    def add(self, gen) -> None:
+        self.waiting.append(gen)
+
+    def step(self) -> None:
+        for gen in [g for g in self.waiting if g.req.cancel_requested]:
+            self.waiting.remove(gen)
+            gen.finish_error(_cancelled())
+        if self.solo is not None and self.solo.req.cancel_requested:
+            self._end(_cancelled())
+        if self.solo is None and self.waiting:
+            self._start(self.waiting.popleft())
+        if self.solo is not None:
+            self._step()
+
+    def abort(self, error_factory) -> None:
+        for gen in list(self.waiting) + ([self.solo] if self.solo else []):
+            if not gen.done:
+                gen.finish_error(error_factory())
+        self.waiting.clear()
+        self.solo = self._tokens = self._cache = None
+
+    def _start(self, gen) -> None:
+        from mlx_vlm.generate.ar import generate_step
+        from mlx_lm.models.cache import make_prompt_cache
+
+        model, inputs = self.loaded.model, gen.vision
+        kwargs = dict(inputs.extra)
+        input_ids, pixel_values = inputs.input_ids, inputs.pixel_values
+        cache, prefix = self.prompt_cache.take(inputs, self.media_ids)
+        if cache is not None and not _prime_positions(model, inputs, kwargs):
+            cache, prefix = None, 0
+        if cache is not None:
+            input_ids, pixel_values = input_ids[:, prefix:], None
+        else:
+            cache = make_prompt_cache(model.language_model)
+        gen.begin(prefix)
+        self._cache, self._fed = cache, []
+        self._tokens = generate_step(input_ids, model, pixel_values, inputs.mask, max_tokens=gen.max_tokens,
+                                     sampler=gen.sampler, logits_processors=list(gen.processors), prompt_cache=cache,
+                                     prefill_step_size=PREFILL_STEP, **kwargs)
+        self.solo = gen
+
+    def _step(self) -> None:
+        gen = self.solo
+        try:
+            token, _ = next(self._tokens)
+        except StopIteration:
+            gen.finish("length")
+            return self._end()
+        except Exception as e:
+            log.exception("vision generation failed")
+            heal_random_state()
+            return self._end(RpcError(GENERATION_FAILED, f"generation failed: {type(e).__name__}: {e}"))
+        self._fed.append(int(token))
+        if gen.on_token(int(token)):
+            self._end()
+
+    def _end(self, error=None) -> None:
+        gen, cache = self.solo, self._cache
+        self.solo = self._tokens = self._cache = None
+        if error is not None:
+            gen.finish_error(error)
+        # Keep the KV cache for a later prompt that shares its prefix (not after a failure).
+        if (error is None or error.code == CANCELLED) and cache is not None and self._fed:
+            try:
+                self.prompt_cache.put(gen.vision.ids + self._fed, gen.vision.image_keys, cache)
+            except Exception:
+                log.exception("could not keep a vision prompt cache")
+
+
+def _prime_positions(model, inputs: Inputs, kwargs: dict) -> bool:
+    """Qwen-style models keep multimodal rope positions on the model: derive them from the full
+    prompt before continuing from a cached prefix (mlx-vlm's own helper for its prompt cache)."""
+    try:
+        from mlx_vlm.generate.dispatch import _prime_cached_prefix_rope_state
+    except ImportError:
+        return False
+    return bool(_prime_cached_prefix_rope_state(model, inputs.input_ids, inputs.mask, kwargs))
