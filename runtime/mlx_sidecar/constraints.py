@@ -273,7 +273,7 @@ def compile_ms() -> list[float]:
 
 # ---- off the engine thread: check and compile, then queue ----
 def compile_then_queue(server, gen) -> None:
-    """Check and compile gen's response_format on the worker, then hand gen to the engine; a bad
+    """Check and compile gen's format (response_format or a forced tool call) on the worker, then hand gen to the engine; a bad
     format is answered -32602 there and never reaches the engine."""
     global _pool
     with _lock:
@@ -287,7 +287,7 @@ def _compile_job(server, gen) -> None:
     if req.cancel_requested:
         return  # cancelled while waiting here: already answered
     try:
-        fmt = gen.params["response_format"]
+        fmt = gen.format  # response_format, or a forced tool call's grammar
         spec_for(fmt)
         loaded = server.engine.models.get(gen.model_id)
         if loaded is not None and loaded.tokenizer is not None:

@@ -1,20 +1,24 @@
 """generate: checked here, then queued for the engine, which streams chunks and answers. Images are
 decoded (images.py) and a response_format is checked and compiled (constraints.py) on workers first."""
 
-from .. import constraints, images
+from .. import constraints, tools, images
 from ..generation import Generation
 from . import PENDING
 
 
 def generate(ctx, req):
     ctx.check_model(req.params["model"])
+    plan = tools.plan(req.params)  # tools, tool_choice and tool messages: -32602 before anything starts
     req.on_done = ctx.inflight.admit_generation(req.params["model"])
     req.partial = {"finish_reason": "cancelled", "text": "",
                    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
     gen = Generation(req, req.params, ctx.writer)
+    if plan is not None:
+        gen.tool_plan = plan
+        gen.format = plan.format or gen.format
 
     def queue():
-        if req.params.get("response_format"):
+        if gen.format:
             constraints.compile_then_queue(ctx, gen)
         else:
             ctx.engine.generate(gen)

@@ -18,6 +18,20 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# A Hermes / Qwen 2.5-style template that takes tools (mlx-lm infers its json_tools parser from it).
+TOOLS_CHAT_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\n{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n{% endif %}"
+    "# Tools\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n"
+    "For each function call, return a json object with function name and arguments within <tool_call></tool_call> tags.<|im_end|>\n"
+    "{%- elif messages[0]['role'] == 'system' %}<|im_start|>system\n{{ messages[0]['content'] }}<|im_end|>\n{% endif %}"
+    "{%- for m in messages %}{%- if m.role == 'system' %}"
+    "{%- elif m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n</tool_response><|im_end|>\n"
+    "{%- elif m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n{% if m.content %}{{ m.content }}{% endif %}"
+    "{%- for tool_call in m.tool_calls %}{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "<tool_call>\n{\"name\": \"{{ tool_call.name }}\", \"arguments\": {{ tool_call.arguments | tojson }}}\n</tool_call>{%- endfor %}<|im_end|>\n"
+    "{%- else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 _CORPUS = [
     "The capital of France is Paris. The capital of Italy is Rome.",
     "Hello world! How are you today? I am fine, thank you.",
@@ -40,8 +54,9 @@ def _tokenizer(vocab_size: int = 420):
     return tok
 
 
-def make_model(directory, preset: str = "tiny", seed: int = 0, reachable_eos: bool = False) -> Path:
-    """Write a model directory and return its path."""
+def make_model(directory, preset: str = "tiny", seed: int = 0, reachable_eos: bool = False,
+               chat_template: str = CHAT_TEMPLATE) -> Path:
+    """Write a model directory and return its path (TOOLS_CHAT_TEMPLATE for one that takes tools)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
@@ -69,7 +84,7 @@ def make_model(directory, preset: str = "tiny", seed: int = 0, reachable_eos: bo
         "bos_token": None,
         "eos_token": "<|im_end|>" if reachable_eos else None,
         "pad_token": "<|endoftext|>",
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": chat_template,
         "model_max_length": config["max_position_embeddings"],
     }, indent=2))
     mx.random.seed(seed)
