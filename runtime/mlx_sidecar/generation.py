@@ -53,6 +53,9 @@ class Generation:
         if loaded.kind == "vision":
             from . import vision
 
+            if self.tool_plan is not None:
+                raise RpcError(INVALID_PARAMS, f"model {loaded.id!r} is a vision model; tools work with text models only", path="/tools")
+
             self.vision = vision.prepare(loaded, params, self.images)
             ids = self.vision.ids
         else:

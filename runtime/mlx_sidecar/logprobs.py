@@ -64,7 +64,9 @@ def pick(rows, tokens, ks):
     One conversion and one top-k for all rows."""
     import numpy as np
 
-    a = rows_to_numpy(rows[0][None] if isinstance(rows, (list, tuple)) and len(rows) == 1 else rows)
+    if isinstance(rows, (list, tuple)):
+        rows = rows[0].reshape(1, -1) if len(rows) == 1 else [r.reshape(-1) for r in rows]
+    a = rows_to_numpy(rows)
     chosen = a[np.arange(len(tokens)), np.asarray(tokens)].tolist() if len(tokens) else []
     k = max(ks) if ks else 0
     if k <= 0:

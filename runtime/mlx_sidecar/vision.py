@@ -12,6 +12,7 @@ import contextlib
 import logging
 from dataclasses import dataclass, field
 
+from . import logprobs
 from .errors import CANCELLED, GENERATION_FAILED, INVALID_PARAMS, MODEL_LOAD_FAILED, RpcError
 from .sampling import heal_random_state
 
@@ -325,7 +326,8 @@ class VisionRunner:
     def _step(self) -> None:
         gen = self.solo
         try:
-            token, _ = next(self._tokens)
+            token, row = next(self._tokens)
+            lp = logprobs.pick([row], [int(token)], [gen.top_logprobs])[0] if gen.top_logprobs is not None else None
         except StopIteration:
             gen.finish("length")
             return self._end()
@@ -334,7 +336,7 @@ class VisionRunner:
             heal_random_state()
             return self._end(RpcError(GENERATION_FAILED, f"generation failed: {type(e).__name__}: {e}"))
         self._fed.append(int(token))
-        if gen.on_token(int(token)):
+        if gen.on_token(int(token), lp):
             self._end()
 
     def _end(self, error=None) -> None:
