@@ -28,6 +28,14 @@ def eos_model(tmp_path_factory) -> str:
     return str(make_model(tmp_path_factory.mktemp("tiny-eos"), preset="tiny", reachable_eos=True))
 
 
+@pytest.fixture(scope="session")
+def vision_model(tmp_path_factory) -> str:
+    """A ~0.2M-parameter random qwen2_vl (mlx-vlm) with its processor files; greedy never reaches EOS."""
+    from mlx_sidecar.testing.vision import make_vision_model
+
+    return str(make_vision_model(tmp_path_factory.mktemp("tiny-vlm")))
+
+
 @pytest.fixture
 def spawn():
     """Start real runtimes as subprocesses; all are closed after the test."""
