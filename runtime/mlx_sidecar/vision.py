@@ -150,6 +150,8 @@ def prepare(loaded, params: dict, images) -> Inputs:
     from mlx_vlm.utils import prepare_inputs, should_add_special_tokens
 
     processor, model = loaded.processor, loaded.model
+    if "messages" in params and params.get("images"):
+        raise RpcError(INVALID_PARAMS, "images go with prompt; with messages, put image parts in the messages' content", path="/images")
     if "messages" in params:
         try:
             text = apply_chat_template(processor, model.config, _messages(params, images), num_images=len(images))

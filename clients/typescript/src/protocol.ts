@@ -28,25 +28,65 @@ export type RequestId = string | number;
 
 export type TokenIds = number[];
 
-export type ContentPart = {
+/** One item of OpenAI's logprobs.content: a token, its log-probability under the distribution it was drawn from (after logits processors, before temperature and top-p/top-k/min-p), and the most likely alternatives. */
+export interface TokenLogprob {
+  /** The token's text (bytes that are not whole UTF-8 characters show as U+FFFD; bytes has them exactly). */
+  token: string;
+  token_id: number;
+  /** Natural log of its probability; -9999.0 stands for minus infinity. null only for the first token of a scored text (nothing precedes it). */
+  logprob: number | null;
+  bytes: number[];
+  /** Up to top_logprobs alternatives, most likely first; tokens that could not be drawn (masked) are left out. */
+  top_logprobs: TopLogprob[];
+}
+
+export interface TopLogprob {
+  /** The token's text (bytes that are not whole UTF-8 characters show as U+FFFD; bytes has them exactly). */
+  token: string;
+  token_id: number;
+  /** Natural log of its probability; -9999.0 stands for minus infinity. */
+  logprob: number;
+  bytes: number[];
+}
+
+export interface TextPart {
   type: "text";
   text: string;
-} | {
+}
+
+/** An image by URL: a data: URL (NDJSON and LSP hosts), an absolute file path or a file:// URL. http(s) URLs are refused unless the runtime runs with --allow-remote-images. */
+export interface ImageUrlPart {
   type: "image_url";
   image_url: {
     url: string;
-    detail?: string;
+    /** low caps the longest side at 512 pixels; auto and high use the runtime's budget. */
+    detail?: "auto" | "low" | "high";
   };
-};
+}
+
+/** An image as raw bytes: MessagePack framing only (a bin value, no base64). PNG, JPEG, WebP, GIF, BMP or TIFF. */
+export interface ImageBytesPart {
+  type: "image";
+  /** The encoded image file's bytes (MessagePack bin). */
+  data: unknown;
+  /** Optional, e.g. image/png; the bytes themselves decide the format. */
+  mime?: string;
+}
+
+/** A part of a message's content (OpenAI's shape, plus raw image bytes over MessagePack). */
+export type ContentPart = TextPart | ImageUrlPart | ImageBytesPart;
+
+/** An image given on its own (generate.images). */
+export type ImagePart = ImageUrlPart | ImageBytesPart;
 
 /** A chat message in OpenAI's format, rendered with the model's own chat template. */
 export interface Message {
   role: "system" | "developer" | "user" | "assistant" | "tool";
   content?: string | ContentPart[] | null;
   name?: string;
-  tool_calls?: {
-    [key: string]: unknown;
-  }[];
+  /** On an assistant message: the calls it made. */
+  tool_calls?: ToolCall[];
+  /** On a tool message: the id of the call it answers (required there). */
   tool_call_id?: string;
 }
 
@@ -116,7 +156,8 @@ export type Quantization = null | {
 
 export interface ModelInfo {
   id: string;
-  kind: "llm" | "vlm";
+  /** vision: loaded through mlx-vlm; takes images and text. */
+  kind: "llm" | "vision";
   path: string;
   architecture: string;
   parameters: number;
@@ -128,6 +169,22 @@ export interface ModelInfo {
   load_ms: number;
   /** Default tokens per generate/chunk for this model, chosen by its size. */
   chunk_tokens: number;
+  /** Vision models only: what the model's processor accepts. */
+  vision?: {
+    /** The placeholder a raw prompt writes where each image goes. */
+    image_token?: string;
+    min_pixels?: number;
+    /** The processor's own cap per image (after the runtime's resize). */
+    max_pixels?: number;
+    patch_size?: number;
+    merge_size?: number;
+    min_image_tokens?: number;
+    max_image_tokens?: number;
+    /** The runtime's resize budget: the longest side of an image, in pixels, before the processor. */
+    max_image_side?: number;
+    /** Images per request. */
+    max_images?: number;
+  };
 }
 
 export interface Memory {
@@ -165,6 +222,44 @@ export interface ErrorData {
   /** A machine-readable error type; see protocol.json's errors. */
   type: string;
   [key: string]: unknown;
+}
+
+/** A call the model made (OpenAI's shape): arguments is a JSON object as a string. */
+export interface ToolCall {
+  id: string;
+  type: "function";
+  function: {
+    /** a-z, A-Z, 0-9, _ and -, at most 64 characters (OpenAI's rule). */
+    name: string;
+    arguments: string;
+  };
+}
+
+/** A piece of a tool call as it forms (OpenAI's streaming shape): the first delta of a call has id, type and function.name; later ones add function.arguments text. Joined per index they make the result's tool_calls. */
+export interface ToolCallDelta {
+  index: number;
+  id?: string;
+  type?: "function";
+  function: {
+    name?: string;
+    arguments?: string;
+  };
+}
+
+/** A function the model may call (OpenAI's shape). */
+export interface Tool {
+  type: "function";
+  function: {
+    /** a-z, A-Z, 0-9, _ and -, at most 64 characters (OpenAI's rule). */
+    name: string;
+    description?: string;
+    /** A JSON Schema for the arguments (an object). With tool_choice required or this function named, only the keywords of capabilities.structured_output are allowed. Omitted: the function takes no arguments. */
+    parameters?: {
+      [key: string]: unknown;
+    };
+    /** Accepted for OpenAI compatibility; forced calls are always enforced. */
+    strict?: boolean;
+  };
 }
 
 export interface InitializeParams {
@@ -262,6 +357,10 @@ export interface ModelListResult {
 export type GenerateParams = {
   /** The id of a loaded model. */
   model: string;
+  /** Images for a raw prompt (vision models; with messages, put image parts in the messages instead): the prompt writes the model's placeholder (model info vision.image_token) once where each image goes. */
+  images?: ImagePart[];
+  /** Shrink each image so its longest side is at most this many pixels (default: the runtime's budget, by memory); the model processor's own limits still apply. */
+  max_image_side?: number;
   /** Default 256, at most 1048576, and never past the model's context. */
   max_tokens?: number;
   /** Default 1.0; 0 is greedy. */
@@ -282,7 +381,20 @@ export type GenerateParams = {
   stop_token_ids?: TokenIds;
   /** Any 64-bit integer (signed or unsigned); the same seed gives the same text alone or in a batch. */
   seed?: number;
+  /** Return the log-probability of each generated token (in chunks and the result). */
+  logprobs?: boolean;
+  /** With logprobs: also the N most likely tokens at each position (0-20, default 0). */
+  top_logprobs?: number;
   response_format?: ResponseFormat;
+  /** Functions the model may call; needs messages. */
+  tools?: Tool[];
+  /** Default auto (with tools). required or a named function: exactly one call, its arguments held to the function's schema. */
+  tool_choice?: ("auto" | "none" | "required") | {
+    type: "function";
+    function: {
+      name: string;
+    };
+  };
   /** Default true: send generate/chunk notifications. */
   stream?: boolean;
   stream_options?: {
@@ -303,7 +415,7 @@ export type GenerateParams = {
 export interface GenerateResult {
   /** The whole generated text, stop strings excluded. */
   text: string;
-  finish_reason: "stop" | "length";
+  finish_reason: "stop" | "length" | "tool_calls";
   usage: Usage;
   timings: Timings;
   model: string;
@@ -313,6 +425,62 @@ export interface GenerateResult {
   parsed?: null | {
     [key: string]: unknown;
   } | unknown[] | string | number | boolean;
+  /** Only with logprobs: OpenAI's shape, one content item per generated token (the tokens of all chunks' token_ids). */
+  logprobs?: {
+    content: TokenLogprob[];
+  };
+  /** Vision requests: each image's size as sent and as used. */
+  images?: {
+    /** After the runtime's resize budget (what the processor got). */
+    width: number;
+    height: number;
+    /** As sent, after EXIF orientation. */
+    source_width: number;
+    source_height: number;
+    /** After the model processor's own resizing, where it reports it. */
+    processed_width?: number;
+    processed_height?: number;
+    /** Prompt tokens this image became. */
+    tokens?: number;
+  }[];
+  /** Only with tools, when the model called any: the calls, in order. */
+  tool_calls?: ToolCall[];
+  /** Only with tool_choice auto: why tool-call markup did not parse; that markup is then left in text. */
+  tool_parse_error?: string;
+}
+
+/** Log-probabilities of given text under the model (prompt scoring, like OpenAI's legacy echo with logprobs): one forward pass, nothing generated. */
+export type ScoreParams = {
+  model: string;
+  /** Text scored after the prompt: its tokens (encoded on their own, without special tokens) are appended to the prompt's and only they are scored. Without it every prompt token is scored. */
+  completion?: string;
+  /** For prompt: as in tokenize. */
+  add_special_tokens?: boolean;
+  /** Also the N most likely tokens at each scored position. */
+  top_logprobs?: number;
+} & ({
+  /** Raw text, tokenized as generate tokenizes a prompt. */
+  prompt: string;
+  messages?: never;
+} | {
+  /** Chat messages, rendered with the chat template and its generation prompt, as generate renders them. */
+  messages: Message[];
+  prompt?: never;
+});
+
+export interface ScoreResult {
+  /** One item per scored token, in order. Without completion the first prompt token has logprob null (nothing precedes it). */
+  logprobs: {
+    content: TokenLogprob[];
+  };
+  /** Sum of the scored tokens' logprobs (the first prompt token's null counts as 0). */
+  total_logprob: number;
+  usage: {
+    prompt_tokens: number;
+    completion_tokens: number;
+    total_tokens: number;
+  };
+  model: string;
 }
 
 export type TokenizeParams = {
@@ -358,6 +526,10 @@ export interface GenerateChunkParams {
   text: string;
   /** The tokens generated since the previous chunk. */
   token_ids: TokenIds;
+  /** Only with logprobs: one item per token in token_ids, in the same order. */
+  logprobs?: TokenLogprob[];
+  /** Only with tools: pieces of tool calls as they form; tool-call markup never appears in text. */
+  tool_calls?: ToolCallDelta[];
 }
 
 export interface ProgressParams {
@@ -372,7 +544,7 @@ export interface ProgressParams {
 }
 
 /** The request methods, in protocol.json's order. */
-export const METHODS = ["initialize", "shutdown", "runtime/ping", "runtime/info", "model/load", "model/unload", "model/list", "generate", "tokenize", "detokenize"] as const;
+export const METHODS = ["initialize", "shutdown", "runtime/ping", "runtime/info", "model/load", "model/unload", "model/list", "generate", "score", "tokenize", "detokenize"] as const;
 
 /** Every request method: its params and result. */
 export interface Methods {
@@ -384,6 +556,7 @@ export interface Methods {
   "model/unload": { params: ModelUnloadParams; result: ModelUnloadResult };
   "model/list": { params: ModelListParams; result: ModelListResult };
   "generate": { params: GenerateParams; result: GenerateResult };
+  "score": { params: ScoreParams; result: ScoreResult };
   "tokenize": { params: TokenizeParams; result: TokenizeResult };
   "detokenize": { params: DetokenizeParams; result: DetokenizeResult };
 }
