@@ -363,6 +363,8 @@ func (w *schemaWalker) checkScalar(typ string, t reflect.Type, path string) {
 		ok = t.Kind() == reflect.Float64 || t.Kind() == reflect.Float32
 	case "boolean":
 		ok = t.Kind() == reflect.Bool
+	case "":
+		ok = t.Kind() == reflect.Interface // no JSON type (MessagePack bin): any value
 	}
 	if !ok {
 		w.t.Errorf("%s: Go type %v for JSON type %q", path, t, typ)

@@ -232,7 +232,7 @@ type ModelLoadParams struct {
 // ModelInfo describes a loaded model: the result of model/load, and the items of model/list.
 type ModelInfo struct {
 	ID            string        `json:"id"`
-	Kind          string        `json:"kind"` // "llm" or "vlm"
+	Kind          string        `json:"kind"` // "llm" or "vision"
 	Path          string        `json:"path"`
 	Architecture  string        `json:"architecture"`
 	Parameters    int64         `json:"parameters"`
@@ -243,6 +243,23 @@ type ModelInfo struct {
 	LoadMS        float64       `json:"load_ms"`
 	// ChunkTokens is the default number of tokens per generate/chunk for this model.
 	ChunkTokens int `json:"chunk_tokens"`
+	// Vision is set for vision models (Kind "vision"): what their processor accepts.
+	Vision *VisionInfo `json:"vision,omitempty"`
+}
+
+// VisionInfo describes what a vision model's processor accepts.
+type VisionInfo struct {
+	// ImageToken is the placeholder a raw prompt writes where each image goes.
+	ImageToken     string `json:"image_token,omitempty"`
+	MinPixels      int    `json:"min_pixels,omitempty"`
+	MaxPixels      int    `json:"max_pixels,omitempty"`
+	PatchSize      int    `json:"patch_size,omitempty"`
+	MergeSize      int    `json:"merge_size,omitempty"`
+	MinImageTokens int    `json:"min_image_tokens,omitempty"`
+	MaxImageTokens int    `json:"max_image_tokens,omitempty"`
+	// MaxImageSide is the runtime's resize budget (longest side, pixels).
+	MaxImageSide int `json:"max_image_side,omitempty"`
+	MaxImages    int `json:"max_images,omitempty"`
 }
 
 // Quantization describes quantized weights.
@@ -276,6 +293,11 @@ type GenerateParams struct {
 	Model    string    `json:"model"`
 	Prompt   string    `json:"prompt,omitempty"`
 	Messages []Message `json:"messages,omitempty"`
+	// Images go with Prompt on vision models (see ImagePath, ImageBytes); the prompt writes the
+	// model's placeholder (ModelInfo.Vision.ImageToken) where each goes.
+	Images []ImagePart `json:"images,omitempty"`
+	// MaxImageSide shrinks each image so its longest side is at most this; 0: the runtime's budget.
+	MaxImageSide int `json:"max_image_side,omitempty"`
 	// MaxTokens defaults to 256 and is never past the model's context; 0 means the default.
 	MaxTokens int `json:"max_tokens,omitempty"`
 	// Temperature defaults to 1.0; 0 is greedy.
@@ -338,16 +360,30 @@ type Message struct {
 }
 
 // ContentPart is one part of a message's content: {Type: "text", Text: ...} or
-// {Type: "image_url", ImageURL: ...}.
+// {Type: "image_url", ImageURL: ...} (see ImagePath and ImageBytes in images.go). The protocol's
+// {Type: "image", Data: bytes} needs MessagePack bin, which this client's JSON params cannot carry:
+// ImageBytes sends a data URL instead.
 type ContentPart struct {
 	Type     string    `json:"type"`
 	Text     string    `json:"text,omitempty"`
 	ImageURL *ImageURL `json:"image_url,omitempty"`
+	// Data and MIME belong to {Type: "image"}; the runtime refuses Data that is not MessagePack bin.
+	Data any    `json:"data,omitempty"`
+	MIME string `json:"mime,omitempty"`
 }
 
-// ImageURL points at an image.
+// ImagePart is an image given on its own (GenerateParams.Images): a ContentPart without text.
+type ImagePart struct {
+	Type     string    `json:"type"`
+	ImageURL *ImageURL `json:"image_url,omitempty"`
+	Data     any       `json:"data,omitempty"`
+	MIME     string    `json:"mime,omitempty"`
+}
+
+// ImageURL points at an image: a data: URL, an absolute file path or a file:// URL.
 type ImageURL struct {
-	URL    string `json:"url"`
+	URL string `json:"url"`
+	// Detail is "auto", "low" (longest side at most 512) or "high".
 	Detail string `json:"detail,omitempty"`
 }
 
@@ -365,6 +401,23 @@ type GenerateResult struct {
 	FormatComplete *bool `json:"format_complete,omitempty"`
 	// Parsed is the JSON value of Text for JSON formats when FormatComplete; "null" otherwise.
 	Parsed json.RawMessage `json:"parsed,omitempty"`
+	// Images (vision requests): each image's size as sent and as used.
+	Images []ImageInfo `json:"images,omitempty"`
+}
+
+// ImageInfo is the size of one image of a vision request.
+type ImageInfo struct {
+	// Width and Height after the runtime's resize budget (what the processor got).
+	Width  int `json:"width"`
+	Height int `json:"height"`
+	// SourceWidth and SourceHeight as sent, after EXIF orientation.
+	SourceWidth  int `json:"source_width"`
+	SourceHeight int `json:"source_height"`
+	// ProcessedWidth and ProcessedHeight after the model processor's own resizing, where known.
+	ProcessedWidth  int `json:"processed_width,omitempty"`
+	ProcessedHeight int `json:"processed_height,omitempty"`
+	// Tokens is how many prompt tokens this image became.
+	Tokens int `json:"tokens,omitempty"`
 }
 
 // Usage counts tokens.
