@@ -424,6 +424,15 @@ func (cl *Client) Tokenize(ctx context.Context, p *TokenizeParams) (*TokenizeRes
 	return &r, nil
 }
 
+// Score calls score: the log-probabilities of given text.
+func (cl *Client) Score(ctx context.Context, p *ScoreParams) (*ScoreResult, error) {
+	var r ScoreResult
+	if err := cl.Call(ctx, "score", p, &r); err != nil {
+		return nil, err
+	}
+	return &r, nil
+}
+
 // Detokenize calls detokenize.
 func (cl *Client) Detokenize(ctx context.Context, p *DetokenizeParams) (*DetokenizeResult, error) {
 	var r DetokenizeResult

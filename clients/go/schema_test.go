@@ -39,6 +39,8 @@ var schemaTypes = map[string]struct {
 	"model.list.result.json":     {sidecar.ModelListResult{}, false},
 	"generate.params.json":       {sidecar.GenerateParams{}, true},
 	"generate.result.json":       {sidecar.GenerateResult{}, false},
+	"score.params.json":          {sidecar.ScoreParams{}, true},
+	"score.result.json":          {sidecar.ScoreResult{}, false},
 	"tokenize.params.json":       {sidecar.TokenizeParams{}, true},
 	"tokenize.result.json":       {sidecar.TokenizeResult{}, false},
 	"detokenize.params.json":     {sidecar.DetokenizeParams{}, true},
@@ -106,7 +108,7 @@ func TestSchemasHaveTypes(t *testing.T) {
 			t.Errorf("%s has a Go type but protocol.json does not name it", f)
 		}
 	}
-	methods := []string{"initialize", "shutdown", "runtime/ping", "runtime/info", "model/load", "model/unload", "model/list", "generate", "tokenize", "detokenize"}
+	methods := []string{"initialize", "shutdown", "runtime/ping", "runtime/info", "model/load", "model/unload", "model/list", "generate", "score", "tokenize", "detokenize"}
 	for m := range p.Methods {
 		if !slices.Contains(methods, m) {
 			t.Errorf("method %s is new: give it types and a Client method", m)

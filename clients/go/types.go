@@ -320,6 +320,96 @@ type GenerateParams struct {
 	// ResponseFormat holds the text to a JSON Schema, any JSON object, a regex or a grammar at
 	// every token; see JSONSchemaFormat, JSONObjectFormat, RegexFormat and GrammarFormat.
 	ResponseFormat *ResponseFormat `json:"response_format,omitempty"`
+	// Logprobs asks for each generated token's log-probability (Chunk.Logprobs, Result.Logprobs);
+	// TopLogprobs (0-20) adds that many most likely alternatives at each position.
+	Logprobs    bool `json:"logprobs,omitempty"`
+	TopLogprobs *int `json:"top_logprobs,omitempty"`
+	// Tools are functions the model may call (needs Messages).
+	Tools []Tool `json:"tools,omitempty"`
+	// ToolChoice is "auto" (the default with tools), "none", "required" or a
+	// NamedToolChoice; "required" and a named function force exactly one valid call.
+	ToolChoice any `json:"tool_choice,omitempty"`
+}
+
+// Tool is a function the model may call (OpenAI's shape); Type is "function".
+type Tool struct {
+	Type     string       `json:"type"`
+	Function FunctionSpec `json:"function"`
+}
+
+// FunctionSpec defines a function: Parameters is a JSON Schema for its arguments object.
+type FunctionSpec struct {
+	Name        string         `json:"name"`
+	Description string         `json:"description,omitempty"`
+	Parameters  map[string]any `json:"parameters,omitempty"`
+	Strict      *bool          `json:"strict,omitempty"`
+}
+
+// NamedToolChoice forces a call to one function: {Type: "function", Function: {Name: ...}}.
+type NamedToolChoice struct {
+	Type     string       `json:"type"`
+	Function FunctionName `json:"function"`
+}
+
+// FunctionName names a function.
+type FunctionName struct {
+	Name string `json:"name"`
+}
+
+// FunctionTool is a Tool for a function.
+func FunctionTool(name, description string, parameters map[string]any) Tool {
+	return Tool{Type: "function", Function: FunctionSpec{Name: name, Description: description, Parameters: parameters}}
+}
+
+// ToolCall is a call the model made; Arguments is a JSON object as a string.
+type ToolCall struct {
+	ID       string       `json:"id"`
+	Type     string       `json:"type"`
+	Function FunctionCall `json:"function"`
+}
+
+// FunctionCall is the function and arguments of a ToolCall.
+type FunctionCall struct {
+	Name      string `json:"name"`
+	Arguments string `json:"arguments"`
+}
+
+// ToolCallDelta is a piece of a tool call as it forms: the first of a call has ID, Type and
+// Function.Name; later ones add Function.Arguments text. Joined per Index they make the calls.
+type ToolCallDelta struct {
+	Index    int               `json:"index"`
+	ID       string            `json:"id,omitempty"`
+	Type     string            `json:"type,omitempty"`
+	Function FunctionCallDelta `json:"function"`
+}
+
+// FunctionCallDelta is the function part of a ToolCallDelta.
+type FunctionCallDelta struct {
+	Name      string `json:"name,omitempty"`
+	Arguments string `json:"arguments,omitempty"`
+}
+
+// Logprobs is OpenAI's logprobs object: one item per token.
+type Logprobs struct {
+	Content []TokenLogprob `json:"content"`
+}
+
+// TokenLogprob is a token, its log-probability (nil only for the first token of a scored
+// text) and its most likely alternatives. Bytes are the token's exact bytes.
+type TokenLogprob struct {
+	Token       string       `json:"token"`
+	TokenID     int          `json:"token_id"`
+	Logprob     *float64     `json:"logprob"`
+	Bytes       []int        `json:"bytes"`
+	TopLogprobs []TopLogprob `json:"top_logprobs"`
+}
+
+// TopLogprob is one alternative token at a position.
+type TopLogprob struct {
+	Token   string  `json:"token"`
+	TokenID int     `json:"token_id"`
+	Logprob float64 `json:"logprob"`
+	Bytes   []int   `json:"bytes"`
 }
 
 // ResponseFormat is OpenAI's response_format, plus "regex" and "grammar" (Lark). Type is
@@ -353,10 +443,10 @@ type Message struct {
 	// Role is "system", "developer", "user", "assistant" or "tool".
 	Role string `json:"role"`
 	// Content is a string, a []ContentPart, or nil.
-	Content    any              `json:"content,omitempty"`
-	Name       string           `json:"name,omitempty"`
-	ToolCalls  []map[string]any `json:"tool_calls,omitempty"`
-	ToolCallID string           `json:"tool_call_id,omitempty"`
+	Content    any        `json:"content,omitempty"`
+	Name       string     `json:"name,omitempty"`
+	ToolCalls  []ToolCall `json:"tool_calls,omitempty"`
+	ToolCallID string     `json:"tool_call_id,omitempty"`
 }
 
 // ContentPart is one part of a message's content: {Type: "text", Text: ...} or
@@ -401,6 +491,12 @@ type GenerateResult struct {
 	FormatComplete *bool `json:"format_complete,omitempty"`
 	// Parsed is the JSON value of Text for JSON formats when FormatComplete; "null" otherwise.
 	Parsed json.RawMessage `json:"parsed,omitempty"`
+	// Logprobs is set when GenerateParams.Logprobs was.
+	Logprobs *Logprobs `json:"logprobs,omitempty"`
+	// ToolCalls are the calls the model made (FinishReason "tool_calls" when it stopped after them).
+	ToolCalls []ToolCall `json:"tool_calls,omitempty"`
+	// ToolParseError says why tool-call markup did not parse (it is then left in Text).
+	ToolParseError string `json:"tool_parse_error,omitempty"`
 	// Images (vision requests): each image's size as sent and as used.
 	Images []ImageInfo `json:"images,omitempty"`
 }
@@ -450,6 +546,38 @@ type Chunk struct {
 	Text string `json:"text"`
 	// TokenIDs are the tokens generated since the previous chunk.
 	TokenIDs []int `json:"token_ids"`
+	// Logprobs has one item per TokenIDs entry, when logprobs were asked for.
+	Logprobs []TokenLogprob `json:"logprobs,omitempty"`
+	// ToolCalls are pieces of tool calls as they form (see ToolCallDelta).
+	ToolCalls []ToolCallDelta `json:"tool_calls,omitempty"`
+}
+
+// ---- score ----
+
+// ScoreParams are the params of score: Prompt or Messages, not both; with Completion only its
+// tokens are scored, after the prompt's.
+type ScoreParams struct {
+	Model            string    `json:"model"`
+	Prompt           string    `json:"prompt,omitempty"`
+	Messages         []Message `json:"messages,omitempty"`
+	Completion       string    `json:"completion,omitempty"`
+	AddSpecialTokens *bool     `json:"add_special_tokens,omitempty"`
+	TopLogprobs      *int      `json:"top_logprobs,omitempty"`
+}
+
+// ScoreResult is the result of score.
+type ScoreResult struct {
+	Logprobs     Logprobs   `json:"logprobs"`
+	TotalLogprob float64    `json:"total_logprob"`
+	Usage        ScoreUsage `json:"usage"`
+	Model        string     `json:"model"`
+}
+
+// ScoreUsage counts the tokens of a score request.
+type ScoreUsage struct {
+	PromptTokens     int `json:"prompt_tokens"`
+	CompletionTokens int `json:"completion_tokens"`
+	TotalTokens      int `json:"total_tokens"`
 }
 
 // ---- tokenize, detokenize ----
