@@ -11,4 +11,6 @@ export type { ExitInfo } from "./errors.js";
 export { defaultCommand } from "./process.js";
 export { generateJson, jsonSchemaFormat, IncompleteJsonError } from "./json.js";
 export type { GenerateJsonOptions, JsonGenerateParams, JsonResult, JsonSchema } from "./json.js";
+export { imageFromPath, imageFromBytes, imageDataUrl, sniffImageMime, textPart } from "./images.js";
+export type { ImageDetail } from "./images.js";
 export * from "./protocol.js";
