@@ -352,6 +352,20 @@ def test_a_format_for_a_model_still_loading_is_compiled_by_the_engine(spawn, tin
         check_json(result, ENUMS)
 
 
+def test_formats_work_after_a_model_is_unloaded_and_loaded_again(spawn, tiny_model, eos_model):
+    p = spawn()
+    fmt = schema_format(ENUMS)
+    assert "result" in p.request("model/load", {"model": tiny_model, "id": "x"})[0]
+    check_json(p.request("generate", {"model": "x", "prompt": "a", "max_tokens": 30, "response_format": fmt})[0]["result"], ENUMS)
+    assert "result" in p.request("model/unload", {"model": "x"})[0]
+    # Same id, another model (its own vocabulary index and end token): nothing stale is used.
+    assert "result" in p.request("model/load", {"model": eos_model, "id": "x"})[0]
+    before = p.request("runtime/info")[0]["result"]["grammar_cache"]
+    check_json(p.request("generate", {"model": "x", "prompt": "a", "max_tokens": 30, "response_format": fmt})[0]["result"], ENUMS)
+    after = p.request("runtime/info")[0]["result"]["grammar_cache"]
+    assert after["misses"] == before["misses"] + 1  # compiled again for the new model
+
+
 # ---- the default model (SmolLM2-135M-Instruct) ----
 default = pytest.mark.skipif(os.environ.get("MLX_SIDECAR_SKIP_DEFAULT_MODEL") == "1", reason="MLX_SIDECAR_SKIP_DEFAULT_MODEL=1")
 SEEDS = int(os.environ.get("MLX_SIDECAR_STRUCTURED_SEEDS", "20"))

@@ -235,8 +235,12 @@ def _vocab(loaded) -> _Vocab:
     vocab = _Vocab(loaded)
     log.info("indexed the vocabulary of %s for structured output in %.0f ms", loaded.id, (time.perf_counter() - started) * 1000)
     with _lock:
-        for k in [k for k, (ref, _) in _vocabs.items() if ref() is None]:
+        # Models gone since (unloaded): drop their index and compiled matchers.
+        dead = {k: v.serial for k, (ref, v) in _vocabs.items() if ref() is None or ref() is loaded}
+        for k in dead:
             del _vocabs[k]
+        for key in [key for key in _matchers if key[0] in dead.values()]:
+            del _matchers[key]
         _vocabs[id(loaded)] = (weakref.ref(loaded), vocab)
     return vocab
 
