@@ -2,10 +2,11 @@
 parts, or a raw prompt with `images`) into the model's inputs with its own chat template and
 processor, and the runner that decodes them on the engine thread.
 
-Requests for one vision model run one at a time through mlx-vlm's generate_step (streamed token
-by token; cancel is seen between tokens). Earlier requests' KV caches are kept, bounded by bytes,
-and a new prompt that shares a prefix with one (the same image, by content hash, then a new text
-question) prefills only its new text."""
+A request alone runs through mlx-vlm's generate_step (streamed token by token; cancel is seen
+between tokens), and reuses earlier requests' KV caches, kept bounded by bytes: a prompt that shares
+a prefix with one (the same image, by content hash, then a new text question) prefills only its new
+text. Requests that arrive together and share a sampler decode together in mlx-vlm's
+BatchGenerator (no prompt cache there); the others wait and run alone."""
 
 import collections
 import contextlib
@@ -274,35 +275,128 @@ class VisionRunner:
         self.prompt_cache = VisionPromptCache(cache_bytes)
         self.media_ids = media_token_ids(loaded.model)
         self.waiting: collections.deque = collections.deque()
-        self.active: dict = {}
+        self.active: dict = {}        # BatchGenerator uid → Generation
+        self.generator = None         # mlx-vlm's BatchGenerator while a batch runs
+        self._batch_sampler = None    # the one sampler its rows share
         self.solo = None
         self._tokens = None           # generate_step's iterator
         self._cache = None            # its KV cache
         self._fed: list = []          # tokens generate_step has yielded (all fed into the cache)
 
     def __len__(self) -> int:
-        return len(self.waiting) + (self.solo is not None)
+        return len(self.waiting) + len(self.active) + (self.solo is not None)
 
     def add(self, gen) -> None:
         self.waiting.append(gen)
 
     def step(self) -> None:
+        self._sweep_cancelled()
+        if self.solo is None and self.waiting:
+            if self.generator is not None or (len(self.waiting) > 1 and self._batchable(self.waiting[0])):
+                self._fill_batch()
+            if self.generator is None and self.waiting:
+                self._start(self.waiting.popleft())
+        if self.solo is not None:
+            self._step()
+        if self.active:
+            self._step_batch()
+
+    def abort(self, error_factory) -> None:
+        for gen in list(self.waiting) + list(self.active.values()) + ([self.solo] if self.solo else []):
+            if not gen.done:
+                gen.finish_error(error_factory())
+        self.waiting.clear()
+        self.active.clear()
+        self._close_batch()
+        self.solo = self._tokens = self._cache = None
+
+    def _sweep_cancelled(self) -> None:
         for gen in [g for g in self.waiting if g.req.cancel_requested]:
             self.waiting.remove(gen)
             gen.finish_error(_cancelled())
         if self.solo is not None and self.solo.req.cancel_requested:
             self._end(_cancelled())
-        if self.solo is None and self.waiting:
-            self._start(self.waiting.popleft())
-        if self.solo is not None:
-            self._step()
+        for uid in [u for u, g in self.active.items() if g.req.cancel_requested]:
+            self.generator.remove(uid)
+            self.active.pop(uid).finish_error(_cancelled())
+        if self.generator is not None and not self.active:
+            self._close_batch()
 
-    def abort(self, error_factory) -> None:
-        for gen in list(self.waiting) + ([self.solo] if self.solo else []):
-            if not gen.done:
-                gen.finish_error(error_factory())
-        self.waiting.clear()
-        self.solo = self._tokens = self._cache = None
+    # ---- several requests at once: mlx-vlm's BatchGenerator ----
+    def _batchable(self, gen, sampler=None) -> bool:
+        """mlx-vlm's batch draws every row with one sampler: requests join when theirs is the same
+        shared object (no seed), and they ask for no logprobs; others run alone, one at a time."""
+        from .sampling import SeededSampler
+
+        if isinstance(gen.sampler, SeededSampler) or getattr(gen, "top_logprobs", None) is not None:
+            return False
+        return sampler is None or gen.sampler is sampler
+
+    def _fill_batch(self) -> None:
+        from mlx_vlm.generate.ar import BatchGenerator
+
+        if self.generator is None:
+            self.generator = BatchGenerator(self.loaded.model.language_model, self.loaded.processor,
+                                            sampler=self.waiting[0].sampler, completion_batch_size=self.max_batch,
+                                            prefill_batch_size=min(self.max_batch, 8), prefill_step_size=PREFILL_STEP,
+                                            compute_logprobs=False)
+            self._batch_sampler = self.waiting[0].sampler
+        # Joiners in arrival order while they fit; the first that cannot join waits for the batch to end.
+        while self.waiting and len(self.active) < self.max_batch and self._batchable(self.waiting[0], self._batch_sampler):
+            gen = self.waiting.popleft()
+            try:
+                uid = self._insert(gen)
+            except Exception as e:
+                log.exception("could not add a vision request to the batch")
+                heal_random_state()
+                gen.finish_error(RpcError(GENERATION_FAILED, f"generation failed: {type(e).__name__}: {e}"))
+                continue
+            self.active[uid] = gen
+        if not self.active:
+            self._close_batch()
+
+    def _insert(self, gen) -> int:
+        """Run the vision encoder for one request and queue its embeddings in the batch."""
+        import mlx.core as mx
+
+        inputs = gen.vision
+        with mx.stream(self.generator._stream):
+            embedded = self.loaded.model.get_input_embeddings(inputs.input_ids, inputs.pixel_values, mask=inputs.mask, **inputs.extra)
+        kwargs = {**inputs.extra, **{k: v for k, v in embedded.to_dict().items() if v is not None}}
+        gen.begin(0)
+        return self.generator.insert([inputs.ids], max_tokens=[gen.max_tokens], prompt_kwargs=[kwargs],
+                                     logits_processors=[list(gen.processors)])[0]
+
+    def _step_batch(self) -> None:
+        try:
+            _, responses = self.generator.next()
+        except Exception as e:
+            log.exception("batched vision generation failed")
+            heal_random_state()
+            for gen in self.active.values():
+                gen.finish_error(RpcError(GENERATION_FAILED, f"generation failed: {type(e).__name__}: {e}"))
+            self.active.clear()
+            self._close_batch()
+            return
+        for r in responses:
+            gen = self.active.get(r.uid)
+            if gen is None or r.token is None:
+                continue
+            token = int(r.token.item() if hasattr(r.token, "item") else r.token)
+            if gen.on_token(token) or r.finish_reason is not None:
+                if not gen.done:   # the batch's own length or end-of-sequence limit
+                    gen.finish("stop" if r.finish_reason == "stop" else "length")
+                del self.active[r.uid]
+                if r.finish_reason is None:
+                    self.generator.remove(r.uid)
+        if not self.active:
+            self._close_batch()
+
+    def _close_batch(self) -> None:
+        if self.generator is not None:
+            with contextlib.suppress(Exception):
+                self.generator.close()
+        self.generator = self._batch_sampler = None
 
     def _start(self, gen) -> None:
         from mlx_vlm.generate.ar import generate_step
