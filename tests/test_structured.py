@@ -306,6 +306,8 @@ BAD = [
     ({"type": "grammar", "grammar": "start: missing_rule"}, "/response_format/grammar", "Lark grammar has an error"),
     ({"type": "grammar", "grammar": "start: \"a\" ("}, "/response_format/grammar", "Lark grammar"),
     (schema_format({"type": "string", "format": "hostname"}), "/response_format/json_schema/schema/format", "not supported"),
+    (schema_format({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a"], "minProperties": 2}),
+     "/response_format/json_schema/schema", "cannot be enforced: min/maxProperties"),
     ({"type": "grammar", "grammar": "start: x", "syntax": "gbnf"}, "/response_format/syntax", ""),
     ({"type": "regex"}, "/response_format", ""),
     ({"type": "yaml"}, "/response_format", ""),

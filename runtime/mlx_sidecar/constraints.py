@@ -3,7 +3,8 @@
 A format becomes an llguidance grammar (JSON Schema, regex or Lark), checked here with a JSON
 Pointer for every mistake. Compiling needs the model's vocabulary index (built once per model)
 and a matcher per (model, format), kept in a bounded LRU; both are made on a worker thread so the
-engine never waits for them. Each request gets a copy of the matcher inside a logits processor
+engine does not wait for them (llguidance drops the GIL while compiling a grammar, though not while
+indexing a vocabulary, which happens once per model). Each request gets a copy of the matcher inside a logits processor
 that mlx-lm calls once per token, in generate_step and in BatchGenerator alike: it feeds the
 previous token to the matcher and masks every token the grammar forbids (plain MLX on CPU,
 llguidance's Metal kernel where Metal exists)."""
