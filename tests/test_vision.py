@@ -342,3 +342,28 @@ def test_concurrent_image_requests_and_a_text_model_keeps_flowing(vision, tiny_m
     assert [result(answers[i])["text"] for i in ids] == alone
     # The text model did not wait for all the image requests.
     assert order.index(text_id) < len(order) - 1
+
+
+def test_a_running_image_request_moves_into_a_batch_unchanged(vision):
+    """A lone request is joined mid-stream by newcomers (mlx-vlm's batch takes no KV cache, so it
+    is prefilled again with what it has made so far); every text stays the one it gets alone."""
+    p = vision(args=["--prompt-cache-bytes", "0"])
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+
+    def params(c):
+        return {"model": "v", "max_tokens": 80, "temperature": 0, "stream_options": {"chunk_tokens": 1},
+                "messages": [{"role": "user", "content": [url_part(data_url(png(color=c))), {"type": "text", "text": QUESTION}]}]}
+
+    alone = [result(p.request("generate", params(c))[0])["text"] for c in colors]
+    first = p.start("generate", params(colors[0]))
+    while True:
+        msg = p.recv()
+        if msg.get("method") == "generate/chunk" and msg["params"]["id"] == first:
+            break
+    ids = [first] + [p.start("generate", params(c)) for c in colors[1:]]
+    answers = {}
+    while len(answers) < 3:
+        msg = p.recv()
+        if msg.get("id") in ids:
+            answers[msg["id"]] = msg
+    assert [result(answers[i])["text"] for i in ids] == alone

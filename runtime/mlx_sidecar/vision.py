@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 PREFILL_STEP = 512
 CACHE_ENTRIES = 8            # KV caches kept per vision model (also bounded by bytes)
+MIGRATE_MIN_LEFT = 16        # a lone request moves into a new batch only with this many tokens to go
 
 
 def is_vision_config(config: dict) -> bool:
@@ -291,8 +292,10 @@ class VisionRunner:
 
     def step(self) -> None:
         self._sweep_cancelled()
+        if self.solo is not None and self.waiting and self._joinable(self.solo, self.waiting[0]):
+            self._move_solo_into_batch()
         if self.solo is None and self.waiting:
-            if self.generator is not None or (len(self.waiting) > 1 and self._batchable(self.waiting[0])):
+            if self.generator is not None or (self.max_batch > 1 and len(self.waiting) > 1 and self._batchable(self.waiting[0])):
                 self._fill_batch()
             if self.generator is None and self.waiting:
                 self._start(self.waiting.popleft())
@@ -332,15 +335,49 @@ class VisionRunner:
             return False
         return sampler is None or gen.sampler is sampler
 
-    def _fill_batch(self) -> None:
+    def _joinable(self, solo, waiting) -> bool:
+        """Whether the lone request should move into a batch with a newcomer: both can batch with
+        one sampler, the lone one holds no stateful processor (a response_format), and enough of
+        its tokens are left to pay for prefilling its prompt again."""
+        return (self.max_batch > 1 and self._batchable(solo) and self._batchable(waiting, solo.sampler)
+                and solo.constraint is None and solo.max_tokens - solo.completion >= MIGRATE_MIN_LEFT and self._fed)
+
+    def _move_solo_into_batch(self) -> None:
+        """mlx-vlm's batch takes no KV cache: the lone request joins it as its prompt plus the
+        tokens it has made so far (prefilled again), and goes on from there; its cache is kept."""
+        import mlx.core as mx
+
+        gen, fed, cache = self.solo, list(self._fed), self._cache
+        self.solo = self._tokens = self._cache = None
+        with contextlib.suppress(Exception):
+            self.prompt_cache.put(gen.vision.ids + fed, gen.vision.image_keys, cache)
+        self._new_batch(gen.sampler)
+        inputs = gen.vision
+        ids = inputs.ids + fed
+        mask = inputs.mask
+        if mask is not None:
+            mask = mx.concatenate([mask, mx.ones((1, len(fed)), dtype=mask.dtype)], axis=1)
+        try:
+            uid = self._insert(gen, ids=ids, mask=mask, left=gen.max_tokens - gen.completion)
+        except Exception as e:
+            log.exception("could not move a vision request into the batch")
+            heal_random_state()
+            gen.finish_error(RpcError(GENERATION_FAILED, f"generation failed: {type(e).__name__}: {e}"))
+            return
+        self.active[uid] = gen
+
+    def _new_batch(self, sampler) -> None:
         from mlx_vlm.generate.ar import BatchGenerator
 
+        self.generator = BatchGenerator(self.loaded.model.language_model, self.loaded.processor,
+                                        sampler=sampler, completion_batch_size=self.max_batch,
+                                        prefill_batch_size=min(self.max_batch, 8), prefill_step_size=PREFILL_STEP,
+                                        compute_logprobs=False)
+        self._batch_sampler = sampler
+
+    def _fill_batch(self) -> None:
         if self.generator is None:
-            self.generator = BatchGenerator(self.loaded.model.language_model, self.loaded.processor,
-                                            sampler=self.waiting[0].sampler, completion_batch_size=self.max_batch,
-                                            prefill_batch_size=min(self.max_batch, 8), prefill_step_size=PREFILL_STEP,
-                                            compute_logprobs=False)
-            self._batch_sampler = self.waiting[0].sampler
+            self._new_batch(self.waiting[0].sampler)
         # Joiners in arrival order while they fit; the first that cannot join waits for the batch to end.
         while self.waiting and len(self.active) < self.max_batch and self._batchable(self.waiting[0], self._batch_sampler):
             gen = self.waiting.popleft()
@@ -355,16 +392,18 @@ class VisionRunner:
         if not self.active:
             self._close_batch()
 
-    def _insert(self, gen) -> int:
+    def _insert(self, gen, ids=None, mask=None, left=None) -> int:
         """Run the vision encoder for one request and queue its embeddings in the batch."""
         import mlx.core as mx
 
         inputs = gen.vision
+        if ids is None:
+            ids, mask, left = inputs.ids, inputs.mask, gen.max_tokens
+            gen.begin(0)
         with mx.stream(self.generator._stream):
-            embedded = self.loaded.model.get_input_embeddings(inputs.input_ids, inputs.pixel_values, mask=inputs.mask, **inputs.extra)
+            embedded = self.loaded.model.get_input_embeddings(mx.array([ids]), inputs.pixel_values, mask=mask, **inputs.extra)
         kwargs = {**inputs.extra, **{k: v for k, v in embedded.to_dict().items() if v is not None}}
-        gen.begin(0)
-        return self.generator.insert([inputs.ids], max_tokens=[gen.max_tokens], prompt_kwargs=[kwargs],
+        return self.generator.insert([ids], max_tokens=[left], prompt_kwargs=[kwargs],
                                      logits_processors=[list(gen.processors)])[0]
 
     def _step_batch(self) -> None:
