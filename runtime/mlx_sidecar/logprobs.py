@@ -12,6 +12,7 @@ import weakref
 MAX_TOP = 20
 FLOOR = -9999.0      # what a -inf logprob is reported as (JSON has no infinity), as OpenAI does
 _GROUPS = 64         # rows are cut into this many interleaved groups for the two-level top-k
+_DIRECT_BELOW = 4096  # vocabularies smaller than this take one plain partition instead
 
 _tables: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # tokenizer → _Table
 
@@ -21,14 +22,25 @@ def _finite(x: float) -> float:
 
 
 def rows_to_numpy(rows):
-    """A (n, V) float32 numpy array from MLX rows (a list of (V,) arrays or one (n, V) array)."""
+    """A (n, V) float32 numpy array from MLX rows (a list of (V,) or (1, V) arrays, or one (n, V)
+    array). Rows that are already evaluated are read in place: no new MLX op is made, so nothing
+    waits behind the next step that mlx-lm has already queued."""
+    import numpy as np
+
+    if isinstance(rows, (list, tuple)):
+        arrs = [_numpy(r).reshape(-1) for r in rows]
+        return arrs[0][None] if len(arrs) == 1 else np.stack(arrs)
+    a = _numpy(rows)
+    return a.reshape(-1, a.shape[-1])
+
+
+def _numpy(x):
     import mlx.core as mx
     import numpy as np
 
-    a = mx.stack(rows) if isinstance(rows, (list, tuple)) else rows
-    if a.dtype != mx.float32:
-        a = a.astype(mx.float32)
-    return np.asarray(a)
+    if x.dtype != mx.float32:
+        x = x.astype(mx.float32)  # numpy has no bfloat16 (GPU models)
+    return np.asarray(x)
 
 
 def top_k(a, k: int):
@@ -39,9 +51,15 @@ def top_k(a, k: int):
     n, v = a.shape
     k = min(k, v)
     width = v // _GROUPS
-    if width < k or n == 0:
-        ids = np.argsort(-a, axis=-1, kind="stable")[:, :k]
-        return ids, np.take_along_axis(a, ids, -1)
+    if n == 0 or k == 0:
+        empty = np.zeros((n, 0), dtype=np.int64)
+        return empty, empty.astype(a.dtype)
+    if v < _DIRECT_BELOW or width < k:
+        # A small vocabulary: one partition of the whole rows is cheaper than the two levels.
+        part = np.argpartition(np.nan_to_num(a, nan=-np.inf), v - k, axis=-1)[:, v - k:]
+        vals = np.take_along_axis(a, part, -1)
+        order = np.argsort(-vals, axis=-1, kind="stable")
+        return np.take_along_axis(part, order, -1), np.take_along_axis(vals, order, -1)
     # Group j holds columns j, j + width, j + 2*width, ... (a strided view: no copy); max over the
     # group axis is a vectorized elementwise max of _GROUPS contiguous slices.
     body = a[:, : width * _GROUPS].reshape(n, _GROUPS, width)
@@ -64,8 +82,6 @@ def pick(rows, tokens, ks):
     One conversion and one top-k for all rows."""
     import numpy as np
 
-    if isinstance(rows, (list, tuple)):
-        rows = rows[0].reshape(1, -1) if len(rows) == 1 else [r.reshape(-1) for r in rows]
     a = rows_to_numpy(rows)
     chosen = a[np.arange(len(tokens)), np.asarray(tokens)].tolist() if len(tokens) else []
     k = max(ks) if ks else 0
