@@ -1,16 +1,19 @@
 // Streams a chat answer to stdout.
 //   npm run example:chat -- --model DIR_OR_ALIAS "prompt" [--max-tokens N] [--temperature T] [--framing ndjson|lsp|msgpack]
-//                           [--tools [--tool-choice auto|required|none|NAME] [--max-rounds N]]
+//                           [--tools [--tool-choice auto|required|none|NAME] [--max-rounds N]] [--image FILE ...]
+// --image (repeatable) asks a vision model about pictures: each file's bytes go with the question
+// (raw MessagePack bytes with --framing msgpack, a data URL otherwise).
 // Ctrl-C cancels the generation and prints what was made so far.
 // With --tools the model may call one local function, get_time (the time in a time zone): a small
 // agent loop runs each call, sends the result back as a tool message and asks again, until the
 // model answers without calling (call → result → answer). --tool-choice is the first round's;
 // later rounds use auto and the last allowed round none, so the loop always ends with an answer.
 
+import { readFileSync } from "node:fs";
 import { parseArgs } from "node:util";
-import { AbortError, Sidecar, type Framing, type GenerateParams, type Message, type Tool, type ToolCall } from "mlx-sidecar";
+import { AbortError, imageFromBytes, Sidecar, textPart, type Framing, type GenerateParams, type Message, type Tool, type ToolCall } from "mlx-sidecar";
 
-const USAGE = 'usage: npm run example:chat -- --model DIR_OR_ALIAS "prompt" [--max-tokens N] [--temperature T] [--framing ndjson|lsp|msgpack] [--tools [--tool-choice C] [--max-rounds N]]';
+const USAGE = 'usage: npm run example:chat -- --model DIR_OR_ALIAS "prompt" [--max-tokens N] [--temperature T] [--framing ndjson|lsp|msgpack] [--tools [--tool-choice C] [--max-rounds N]] [--image FILE ...]';
 
 const GET_TIME: Tool = {
   type: "function",
@@ -52,6 +55,7 @@ const { values, positionals } = parseArgs({
     tools: { type: "boolean", default: false },
     "tool-choice": { type: "string", default: "auto" },
     "max-rounds": { type: "string", default: "3" },
+    image: { type: "string", multiple: true, default: [] },
   },
   allowPositionals: true,
 });
@@ -70,7 +74,8 @@ sidecar.on("progress", ({ value }) => {
 
 try {
   const model = await sidecar.request("model/load", { model: values.model });
-  const messages: Message[] = [{ role: "user", content: prompt }];
+  const images = (values.image ?? []).map((file) => imageFromBytes(readFileSync(file), sidecar.framing));
+  const messages: Message[] = [{ role: "user", content: images.length ? [...images, textPart(prompt)] : prompt }];
   const params: GenerateParams = {
     model: model.id,
     messages,

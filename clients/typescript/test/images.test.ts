@@ -3,14 +3,15 @@
 // bin over msgpack, as a data URL otherwise).
 
 import assert from "node:assert/strict";
-import { execFileSync } from "node:child_process";
+import { execFile, execFileSync } from "node:child_process";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { promisify } from "node:util";
 import { after, before, describe, test } from "node:test";
 import { deflateSync } from "node:zlib";
 import { FRAMINGS, imageFromBytes, imageFromPath, Sidecar, sniffImageMime, textPart } from "mlx-sidecar";
-import { python } from "./helpers.js";
+import { PACKAGE_DIR, python } from "./helpers.js";
 
 /** A small RGB PNG with a gradient, encoded here (no image library needed). */
 function png(width: number, height: number): Buffer {
@@ -70,6 +71,17 @@ describe("images", { timeout: 180_000 }, () => {
     assert.ok(url.type === "image_url" && url.image_url.url.startsWith("data:image/png;base64,"));
     const rel = imageFromPath("pictures/a.png", "low");
     assert.ok(rel.image_url.url.startsWith("/") && rel.image_url.detail === "low");
+  });
+
+  test("examples/chat --image asks a vision model about a picture, in every framing", async () => {
+    const script = join(PACKAGE_DIR, "build", "examples", "chat.js");
+    const answers = [];
+    for (const framing of FRAMINGS) {
+      const { stdout, stderr } = await promisify(execFile)(process.execPath, [script, "--model", vlm, "--image", file, "--framing", framing, "--max-tokens", "6", "What is this?"], { cwd: PACKAGE_DIR });
+      assert.match(stderr, /\[6 tokens, \d+ tokens\/s, finish: length\]/);
+      answers.push(stdout);
+    }
+    assert.equal(new Set(answers).size, 1, JSON.stringify(answers));
   });
 
   test("a path, a Buffer and a Uint8Array give the same greedy text in every framing", async () => {
