@@ -18,18 +18,7 @@ import (
 // the same greedy text in every framing, and the result reports the image's size.
 func TestImagesFromPathAndBytes(t *testing.T) {
 	dir := t.TempDir()
-	vlm := filepath.Join(dir, "vlm")
-	argv, err := sidecar.DefaultCommand()
-	if err != nil {
-		t.Fatal(err)
-	}
-	py := argv[0]
-	if len(argv) == 1 {
-		py = filepath.Join(filepath.Dir(argv[0]), "python")
-	}
-	if out, err := exec.Command(py, "-m", "mlx_sidecar.testing", "make-model", "--vision", vlm).CombinedOutput(); err != nil {
-		t.Fatalf("make-model --vision: %v\n%s", err, out)
-	}
+	vlm := makeVisionModel(t, dir)
 	img := image.NewRGBA(image.Rect(0, 0, 90, 60))
 	for x := 0; x < 90; x++ {
 		for y := 0; y < 60; y++ {
@@ -108,5 +97,46 @@ func TestImagePathIsAbsolute(t *testing.T) {
 	png := sidecar.ImageBytes([]byte("\x89PNG\r\n\x1a\n0000"))
 	if !strings.HasPrefix(png.ImageURL.URL, "data:image/png;base64,") {
 		t.Fatalf("%s", png.ImageURL.URL)
+	}
+}
+
+// makeVisionModel writes a tiny random qwen2_vl directory (mlx-vlm) under dir.
+func makeVisionModel(t *testing.T, dir string) string {
+	t.Helper()
+	vlm := filepath.Join(dir, "vlm")
+	argv, err := sidecar.DefaultCommand()
+	if err != nil {
+		t.Fatal(err)
+	}
+	py := argv[0]
+	if len(argv) == 1 {
+		py = filepath.Join(filepath.Dir(argv[0]), "python")
+	}
+	if out, err := exec.Command(py, "-m", "mlx_sidecar.testing", "make-model", "--vision", vlm).CombinedOutput(); err != nil {
+		t.Fatalf("make-model --vision: %v\n%s", err, out)
+	}
+	return vlm
+}
+
+// TestChatExampleImage: cmd/sidecar-chat --image asks a vision model about a picture.
+func TestChatExampleImage(t *testing.T) {
+	dir := t.TempDir()
+	vlm := makeVisionModel(t, dir)
+	var buf bytes.Buffer
+	if err := png.Encode(&buf, image.NewRGBA(image.Rect(0, 0, 40, 30))); err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(dir, "picture.png")
+	if err := os.WriteFile(file, buf.Bytes(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command("go", "run", "./cmd/sidecar-chat", "--model", vlm, "--image", file, "--max-tokens", "6", "What is this?")
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("sidecar-chat --image: %v\n%s", err, stderr.String())
+	}
+	if !strings.Contains(stderr.String(), "6 generated tokens") || !strings.Contains(stderr.String(), "finish: length") {
+		t.Fatalf("stdout %q\nstderr %s", stdout.String(), stderr.String())
 	}
 }

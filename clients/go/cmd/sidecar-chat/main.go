@@ -12,6 +12,9 @@
 // until the model answers without calling (call → result → answer). --tool-choice sets the
 // first round's tool_choice (auto, required, none or a function name); later rounds use auto,
 // and the last allowed round none, so the loop always ends with an answer.
+//
+// --image FILE (repeatable) asks a vision model about pictures: the runtime reads each file
+// itself. With --raw the prompt writes the model's image placeholder where each goes.
 package main
 
 import (
@@ -46,6 +49,12 @@ func run() int {
 	useTools := flag.Bool("tools", false, "let the model call get_time (the time in a time zone) and answer with its result")
 	toolChoice := flag.String("tool-choice", "auto", "with --tools, the first round's tool_choice: auto, required, none or a function name")
 	rounds := flag.Int("max-rounds", 3, "with --tools, the most generate calls (the last one may not call tools)")
+	var images []sidecar.ContentPart
+	flag.Func("image", "a picture for a vision model (repeatable)", func(path string) error {
+		part, err := sidecar.ImagePath(path)
+		images = append(images, part)
+		return err
+	})
 	flag.Usage = func() {
 		fmt.Fprintf(os.Stderr, "usage: sidecar-chat --model DIR_OR_ALIAS [flags] [prompt]\n\n")
 		flag.PrintDefaults()
@@ -98,11 +107,18 @@ func run() int {
 	}
 	if *raw {
 		p.Prompt = prompt
+		for _, image := range images {
+			p.Images = append(p.Images, image.Image())
+		}
 	} else {
 		if *system != "" {
 			p.Messages = append(p.Messages, sidecar.Message{Role: "system", Content: *system})
 		}
-		p.Messages = append(p.Messages, sidecar.Message{Role: "user", Content: prompt})
+		var content any = prompt
+		if len(images) > 0 {
+			content = append(images, sidecar.TextPart(prompt))
+		}
+		p.Messages = append(p.Messages, sidecar.Message{Role: "user", Content: content})
 	}
 	if *useTools {
 		p.Tools = []sidecar.Tool{getTimeTool}
