@@ -57,6 +57,7 @@ class Generation:
                 raise RpcError(INVALID_PARAMS, f"model {loaded.id!r} is a vision model; tools work with text models only", path="/tools")
 
             self.vision = vision.prepare(loaded, params, self.images)
+            self.images = []   # the processor's pixel values carry them from here
             ids = self.vision.ids
         else:
             if params.get("images"):
