@@ -367,3 +367,28 @@ def test_a_running_image_request_moves_into_a_batch_unchanged(vision):
         if msg.get("id") in ids:
             answers[msg["id"]] = msg
     assert [result(answers[i])["text"] for i in ids] == alone
+
+
+def test_cancel_one_image_request_of_a_batch(vision):
+    p = vision(args=["--prompt-cache-bytes", "0"])
+    colors = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+
+    def params(c, n):
+        return {"model": "v", "max_tokens": n, "temperature": 0, "stream_options": {"chunk_tokens": 1},
+                "messages": [{"role": "user", "content": [url_part(data_url(png(color=c))), {"type": "text", "text": QUESTION}]}]}
+
+    alone = [result(p.request("generate", params(c, 40))[0])["text"] for c in colors[1:]]
+    ids = [p.start("generate", params(colors[0], 100000))] + [p.start("generate", params(c, 40)) for c in colors[1:]]
+    seen = set()
+    while len(seen) < 3:   # every request streams: the batch is running
+        msg = p.recv()
+        if msg.get("method") == "generate/chunk":
+            seen.add(msg["params"]["id"])
+    p.notify("$/cancelRequest", {"id": ids[0]})
+    answers = {}
+    while len(answers) < 3:
+        msg = p.recv()
+        if msg.get("id") in ids:
+            answers[msg["id"]] = msg
+    assert answers[ids[0]]["error"]["code"] == -32800
+    assert [result(answers[i])["text"] for i in ids[1:]] == alone
