@@ -123,6 +123,22 @@ def test_load_stays_offline_without_processor_files(spawn, vision_model, tmp_pat
     assert hits == [], "loading a local vision model reached for the hub"
 
 
+def test_an_unsupported_vision_architecture_is_refused(serve, vision_model, tmp_path):
+    import json
+
+    copy = tmp_path / "odd"
+    shutil.copytree(vision_model, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["model_type"] = "no_such_vl"
+    (copy / "config.json").write_text(json.dumps(config))
+    p = serve()
+    answer, _ = p.request("model/load", {"model": str(copy), "id": "v"})
+    assert answer["error"]["code"] == -32001
+    assert answer["error"]["data"]["type"] == "unsupported_architecture"
+    assert "no_such_vl" in answer["error"]["message"]
+    assert result(p.request("runtime/ping")[0]) is not None
+
+
 # ---- text and one image ----
 def test_text_only_request_on_a_vision_model(vision):
     p = vision()
