@@ -75,7 +75,8 @@ def load_parts(path, source: str, config: dict, trust_remote_code: bool):
 def describe(processor, config: dict) -> dict:
     """What the processor accepts, for model/load and model/list."""
     ip = getattr(processor, "image_processor", None)
-    info = {"image_token": getattr(processor, "image_token", None)}
+    token = getattr(processor, "image_token", None)
+    info = {"image_token": token if isinstance(token, str) else None}
     for key in ("min_pixels", "max_pixels", "patch_size", "merge_size"):
         value = getattr(ip, key, None)
         if value is None and isinstance(getattr(ip, "size", None), dict):
@@ -166,7 +167,7 @@ def prepare(loaded, params: dict, images) -> Inputs:
     else:
         text = params["prompt"]
         token = getattr(processor, "image_token", None)
-        if images and token and text.count(token) != len(images):
+        if images and isinstance(token, str) and text.count(token) != len(images):
             raise RpcError(INVALID_PARAMS, f"the prompt has {text.count(token)} image placeholders ({token!r}) but {len(images)} images were sent; "
                            f"write one {token!r} where each image goes (this model's convention)", path="/images")
     try:
