@@ -283,6 +283,29 @@ def test_bad_images_are_refused_by_part_and_the_runtime_keeps_serving(vision, tm
     assert info["memory"]["rss_bytes"] < 4 << 30   # the bomb was never allocated
 
 
+def test_remote_images_only_with_the_flag(vision, tmp_path):
+    """http(s) URLs are fetched only when the runtime was started with --allow-remote-images (a
+    local HTTP server here: no network)."""
+    import http.server
+
+    (tmp_path / "red.png").write_bytes(png())
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/red.png"
+        closed = vision()
+        assert "--allow-remote-images" in invalid(ask(closed, [url_part(url)])[0], "/messages/0/content/0/image_url/url")
+        open_ = vision(args=["--allow-remote-images"])
+        r = result(ask(open_, [url_part(url)])[0])
+        assert (r["images"][0]["source_width"], r["images"][0]["source_height"]) == (64, 48)
+        invalid(ask(open_, [url_part(url + ".missing")])[0], "/messages/0/content/0/image_url/url")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_text_model_refuses_images(serve, tiny_model, vision_model):
     p = serve()
     result(p.request("model/load", {"model": tiny_model, "id": "t"})[0])
