@@ -5,7 +5,7 @@ token it gets (text, stop strings, chunks), up to its one response. Where the to
 import logging
 import time
 
-from . import constraints, logprobs, prompts, sampling, spec, tools
+from . import constraints, logprobs, prompts, sampling, spec, speculative, tools
 from .errors import CONTEXT_LENGTH_EXCEEDED, GENERATION_FAILED, INVALID_PARAMS, RpcError, model_not_found
 from .stops import StopText
 from .writer import ChunkBuffer
@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 
 
 class Generation:
+    metrics = None  # the runtime's Metrics, set by the generate method
+    _last_at = 0.0  # when the previous token arrived
     def __init__(self, req, params: dict, writer):
         self.req = req
         self.params = params
@@ -40,6 +42,7 @@ class Generation:
         # logprobs: None when not asked for (costs nothing), else top_logprobs (0..20).
         self.top_logprobs = params.get("top_logprobs", 0) if params.get("logprobs") else None
         self.logprob_items: list = []   # OpenAI's logprobs.content, one per generated token
+        self.speculative = None         # speculative.Plan when the request speculates
 
     # ---- engine thread ----
     def prepare(self, models: dict) -> None:
@@ -86,6 +89,7 @@ class Generation:
             # The format's mask runs last, after any bias or penalty.
             self.constraint = constraints.start(loaded, self.format, self.stop_ids)
             self.processors = list(self.processors) + [self.constraint]
+        self.speculative = speculative.plan(loaded, params)
         if self.stream:
             opts = params.get("stream_options") or {}
             self.buf = ChunkBuffer(self.req.id, opts.get("chunk_tokens", loaded.info["chunk_tokens"]),
@@ -134,16 +138,23 @@ class Generation:
         self.started = time.monotonic()
         self.cached_tokens = cached_tokens
 
-    def on_token(self, token: int, lp=None) -> bool:
+    def on_token(self, token: int, lp=None, drafted: bool = False) -> bool:
         """Take one generated token (and, when logprobs were asked for, lp = (its logprob, top
-        alternatives) from logprobs.pick); returns True when this request has now ended (and answered)."""
+        alternatives) from logprobs.pick; drafted: a speculative draft proposed it); returns True when this
+        request has now ended (and answered)."""
+        now = time.monotonic()
         if self.first_at is None:
-            self.first_at = time.monotonic()
+            self.first_at = now
+        elif self.metrics is not None:
+            self.metrics.inter_token_ms.append((now - self._last_at) * 1000)
+        self._last_at = now
         if token in self.stop_ids:
             self.finish("stop")
             return True
         self.completion += 1
         self.tokens.append(token)
+        if drafted and self.speculative is not None:
+            self.speculative.accepted += 1
         self.detok.add_token(token)
         piece = self.stops.feed(self.detok.last_segment)
         deltas = None
@@ -154,8 +165,11 @@ class Generation:
             item = logprobs.entry(self._table, token, lp[0], lp[1])
             self.logprob_items.append(item)
         if self.buf is not None:
+            extra = {"tool_calls": deltas} if deltas else {}
+            if drafted:
+                extra["draft_tokens"] = 1   # the writer sums these per chunk
             self.writer.add_tokens(self.buf, token, piece, flush=self.completion == 1, logprobs=item,
-                                   extra={"tool_calls": deltas} if deltas else None)
+                                   extra=extra or None)
         if self.stops.stopped:
             self.finish("stop")
             return True
@@ -197,6 +211,8 @@ class Generation:
                  "total_tokens": len(self.prompt_ids) + self.completion}
         if self.cached_tokens:
             usage["cached_tokens"] = self.cached_tokens
+        if self.speculative is not None:
+            usage.update(self.speculative.usage())
         return usage
 
     def finish(self, reason: str) -> None:
@@ -226,6 +242,7 @@ class Generation:
         if self.top_logprobs is not None:
             result["logprobs"] = {"content": self.logprob_items}
         self.done = True
+        self._record()
         self.req.respond(result, self.buf)
 
     def finish_error(self, error: RpcError) -> None:
@@ -235,7 +252,18 @@ class Generation:
         error.data["text"] = self._text()
         error.data["usage"] = self.usage()
         self.done = True
+        self._record()
         self.req.fail(error, self.buf)
+
+    def _record(self) -> None:
+        """Tokens and latencies for runtime/metrics."""
+        if self.metrics is None:
+            return
+        started = self.started or self.req.received_at
+        self.metrics.generation_done(
+            len(self.prompt_ids), self.cached_tokens, self.completion,
+            (self.first_at - self.req.received_at) * 1000 if self.first_at else None,
+            (started - self.req.received_at) * 1000)
 
 
     def _tool_result(self, result: dict) -> None:

@@ -24,6 +24,7 @@ class LoadedModel:
     config: dict
     info: dict = field(default_factory=dict)   # the ModelInfo the protocol reports
     processor: Any = None  # vision models: mlx-vlm's processor (vision.py)
+    draft: Any = None      # a draft model (LoadedModel) for speculative decoding (speculative.py)
 
     @property
     def context_length(self) -> int | None:
@@ -167,6 +168,9 @@ def release(loaded: LoadedModel) -> None:
     """Drop a model's arrays and give the memory back."""
     import mlx.core as mx
 
+    if loaded.draft is not None:
+        release(loaded.draft)
+        loaded.draft = None
     loaded.model = None
     loaded.tokenizer = None
     loaded.processor = None

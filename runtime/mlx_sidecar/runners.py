@@ -10,7 +10,7 @@ mlx-lm's LRUPromptCache."""
 import collections
 import logging
 
-from . import logprobs
+from . import logprobs, speculative
 from .errors import CANCELLED, GENERATION_FAILED, RpcError
 from .sampling import heal_random_state
 
@@ -41,6 +41,7 @@ class ModelRunner:
         self.solo = None              # the Generation running alone, if any
         self._solo_tokens = None      # its generate_step iterator
         self._solo_cache = None       # and its KV cache
+        self._solo_spec = False       # True: _solo_tokens is speculative.generate (lists of tokens per step)
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.active) + (self.solo is not None)
@@ -123,15 +124,21 @@ class ModelRunner:
             if gen.req.cancel_requested:
                 raise _Cancelled()
 
-        self._solo_tokens = generate_step(mx.array(rest), self.loaded.model, max_tokens=gen.max_tokens,
-                                          sampler=gen.sampler, logits_processors=gen.processors,
-                                          prompt_cache=self._solo_cache, prefill_step_size=PREFILL_STEP,
-                                          prompt_progress_callback=check)
+        self._solo_spec = getattr(gen, "speculative", None) is not None and speculative.usable(self._solo_cache)
+        if self._solo_spec:
+            self._solo_tokens = speculative.generate(rest, gen, self._solo_cache, check)
+        else:
+            self._solo_tokens = generate_step(mx.array(rest), self.loaded.model, max_tokens=gen.max_tokens,
+                                              sampler=gen.sampler, logits_processors=gen.processors,
+                                              prompt_cache=self._solo_cache, prefill_step_size=PREFILL_STEP,
+                                              prompt_progress_callback=check)
         self.solo = gen
 
     def _step_solo(self) -> None:
         gen = self.solo
         try:
+            if self._solo_spec:  # several tokens per step: (token, from the draft, logprobs row)
+                return self._take_speculated(gen, next(self._solo_tokens))
             token, row = next(self._solo_tokens)
             lp = logprobs.pick([row], [token], [gen.top_logprobs])[0] if gen.top_logprobs is not None else None
         except StopIteration:
@@ -145,6 +152,13 @@ class ModelRunner:
             return self._end_solo(RpcError(GENERATION_FAILED, f"generation failed: {type(e).__name__}: {e}"))
         if gen.on_token(token, lp):
             self._end_solo()
+
+    def _take_speculated(self, gen, out) -> None:
+        lps = logprobs.pick([r for _, _, r in out], [t for t, _, _ in out], [gen.top_logprobs] * len(out)) \
+            if gen.top_logprobs is not None else [None] * len(out)
+        for (token, drafted, _), lp in zip(out, lps):
+            if gen.on_token(token, lp, drafted=drafted):
+                return self._end_solo()
 
     def _end_solo(self, error=None) -> None:
         from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
@@ -171,6 +185,11 @@ class ModelRunner:
         if not gen.tokens or not can_trim_prompt_cache(cache):
             return  # not started yet or cannot rewind: let it finish alone
         self.solo = self._solo_tokens = self._solo_cache = None
+        if self._solo_spec:
+            # A speculative step ends with its last token not yet fed and nothing drawn ahead:
+            # the batch feeds that token, without speculation from here on.
+            self._solo_spec = False
+            return self._insert(gen, [gen.tokens[-1]], cache, gen.prompt_ids + gen.tokens[:-1], gen.max_tokens - gen.completion)
         trim_prompt_cache(cache, 1)
         if hasattr(gen.sampler, "rewind"):
             gen.sampler.rewind()

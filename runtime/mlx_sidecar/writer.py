@@ -94,7 +94,7 @@ class Writer:
                 buf.text.append(text)
             if extra:
                 for key, value in extra.items():
-                    buf.extra[key] = buf.extra.get(key, []) + value  # lists of deltas accumulate
+                    buf.extra[key] = buf.extra[key] + value if key in buf.extra else value  # deltas and counts accumulate
             n = len(buf.token_ids)
             ask_flush = (flush or n >= buf.chunk_tokens or buf.max_latency <= 0) and not buf.flush_asked
             if ask_flush:

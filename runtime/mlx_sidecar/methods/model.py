@@ -53,12 +53,42 @@ def _load(ctx, engine, req, source, model_id):
     except Exception:
         progress(1.0, "failed", end=True)
         raise
+    if "draft_model" in req.params:
+        try:
+            _attach_draft(loaded, req.params, engine, progress)
+        except Exception:
+            models.release(loaded)
+            progress(1.0, "failed", end=True)
+            raise
+    elif "num_draft_tokens" in req.params:
+        models.release(loaded)
+        progress(1.0, "failed", end=True)
+        raise RpcError(INVALID_PARAMS, "num_draft_tokens needs draft_model", path="/num_draft_tokens")
     progress(1.0, "done", end=True)
     if loaded.kind == "vision" and ctx.images is not None:
         loaded.info["vision"].update(max_image_side=ctx.images.max_side, max_images=ctx.images.max_images)
     engine.models[model_id] = loaded
     log.info("loaded %s as %r in %.0f ms", source, model_id, loaded.info["load_ms"])
     return loaded.info
+
+
+def _attach_draft(loaded, params, engine, progress) -> None:
+    """Load the draft model and keep it on the target once its tokenizer is known to match."""
+    from .. import speculative
+
+    source = params["draft_model"]
+    progress(0.8, f"loading draft {source}")
+    draft = models.load(source, model_id=f"{loaded.id}#draft", dtype=params.get("dtype", "auto"),
+                        trust_remote_code=params.get("trust_remote_code", False),
+                        device_type=engine.device["type"], progress=lambda *a, **k: None)
+    try:
+        speculative.check_compatible(loaded, draft, source)
+    except Exception:
+        models.release(draft)
+        raise
+    loaded.draft = draft
+    loaded.info["draft"] = {"model": source, "path": str(draft.path), "parameters": draft.info["parameters"],
+                            "num_draft_tokens": params.get("num_draft_tokens", speculative.DEFAULT_DRAFT_TOKENS)}
 
 
 def unload(ctx, req):
