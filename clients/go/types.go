@@ -180,6 +180,61 @@ type ModelListParams struct{}
 
 // ---- runtime/info ----
 
+// MetricsParams are the (empty) params of runtime/metrics.
+type MetricsParams struct{}
+
+// Metrics is the result of runtime/metrics: counters since start, gauges now, and latency
+// percentiles of recent requests.
+type Metrics struct {
+	UptimeMs float64 `json:"uptime_ms"`
+	// Requests counts answers by method, then by outcome ("ok" or the error's data.type).
+	Requests      map[string]map[string]int64 `json:"requests"`
+	Errors        map[string]int64            `json:"errors"` // by error code, as a string
+	Cancellations int64                       `json:"cancellations"`
+	Overloads     int64                       `json:"overloads"`
+	Tokens        MetricsTokens               `json:"tokens"`
+	LatencyMs     MetricsLatency              `json:"latency_ms"`
+	Gauges        MetricsGauges               `json:"gauges"`
+}
+
+// MetricsTokens counts generate tokens.
+type MetricsTokens struct {
+	Prompt     int64 `json:"prompt"`
+	Cached     int64 `json:"cached"`
+	Completion int64 `json:"completion"`
+}
+
+// MetricsLatency holds the latency windows, in milliseconds.
+type MetricsLatency struct {
+	TTFT       Percentiles `json:"ttft"`
+	InterToken Percentiles `json:"inter_token"`
+	QueueWait  Percentiles `json:"queue_wait"`
+}
+
+// Percentiles summarise a window of samples (Count is 0 and the rest absent when it is empty).
+type Percentiles struct {
+	Count int64   `json:"count"`
+	P50   float64 `json:"p50,omitempty"`
+	P95   float64 `json:"p95,omitempty"`
+	P99   float64 `json:"p99,omitempty"`
+	Max   float64 `json:"max,omitempty"`
+}
+
+// MetricsGauges are the runtime's state now.
+type MetricsGauges struct {
+	RequestsInFlight int64                   `json:"requests_in_flight"`
+	Generating       int64                   `json:"generating"`
+	Queued           int64                   `json:"queued"`
+	Streams          map[string]ModelStreams `json:"streams"`
+	Memory           Memory                  `json:"memory"`
+}
+
+// ModelStreams counts one model's generate requests running and waiting for a batch slot.
+type ModelStreams struct {
+	Running int64 `json:"running"`
+	Waiting int64 `json:"waiting"`
+}
+
 // RuntimeInfo is the result of runtime/info.
 type RuntimeInfo struct {
 	ServerInfo       ServerInfo       `json:"server_info"`
@@ -227,6 +282,11 @@ type ModelLoadParams struct {
 	DType string `json:"dtype,omitempty"`
 	// TrustRemoteCode allows model code shipped with the weights to run.
 	TrustRemoteCode *bool `json:"trust_remote_code,omitempty"`
+	// DraftModel is a smaller model (path or alias) that drafts tokens for speculative
+	// decoding; its tokenizer must map every token the same way (else -32602).
+	DraftModel string `json:"draft_model,omitempty"`
+	// NumDraftTokens is how many tokens the draft proposes per step (default 3).
+	NumDraftTokens int `json:"num_draft_tokens,omitempty"`
 }
 
 // ModelInfo describes a loaded model: the result of model/load, and the items of model/list.
@@ -245,6 +305,25 @@ type ModelInfo struct {
 	ChunkTokens int `json:"chunk_tokens"`
 	// Vision is set for vision models (Kind "vision"): what their processor accepts.
 	Vision *VisionInfo `json:"vision,omitempty"`
+	// Draft is set when the model was loaded with a draft model.
+	Draft *DraftInfo `json:"draft,omitempty"`
+}
+
+// DraftInfo describes a model's draft model (speculative decoding).
+type DraftInfo struct {
+	Model          string `json:"model"`
+	Path           string `json:"path"`
+	Parameters     int64  `json:"parameters"`
+	NumDraftTokens int    `json:"num_draft_tokens"`
+}
+
+// Speculative picks speculative decoding for one request: Type "draft" (the model's draft
+// model), "prompt_lookup" (drafts copied from the prompt and output so far) or "none".
+type Speculative struct {
+	Type           string `json:"type"`
+	NumDraftTokens int    `json:"num_draft_tokens,omitempty"`
+	// MaxNgram is the longest n-gram prompt lookup matches (default 3).
+	MaxNgram int `json:"max_ngram,omitempty"`
 }
 
 // VisionInfo describes what a vision model's processor accepts.
@@ -320,6 +399,8 @@ type GenerateParams struct {
 	// ResponseFormat holds the text to a JSON Schema, any JSON object, a regex or a grammar at
 	// every token; see JSONSchemaFormat, JSONObjectFormat, RegexFormat and GrammarFormat.
 	ResponseFormat *ResponseFormat `json:"response_format,omitempty"`
+	// Speculative picks speculative decoding; default: the model's draft, if it has one.
+	Speculative *Speculative `json:"speculative,omitempty"`
 	// Logprobs asks for each generated token's log-probability (Chunk.Logprobs, Result.Logprobs);
 	// TopLogprobs (0-20) adds that many most likely alternatives at each position.
 	Logprobs    bool `json:"logprobs,omitempty"`
@@ -523,6 +604,10 @@ type Usage struct {
 	TotalTokens      int `json:"total_tokens"`
 	// CachedTokens counts prompt tokens served from the prompt cache.
 	CachedTokens int `json:"cached_tokens,omitempty"`
+	// DraftTokens and AcceptedDraftTokens count speculative decoding's proposals (only for
+	// requests that speculated).
+	DraftTokens         int `json:"draft_tokens,omitempty"`
+	AcceptedDraftTokens int `json:"accepted_draft_tokens,omitempty"`
 }
 
 // Timings of a generation, in milliseconds and tokens per second.
@@ -550,6 +635,8 @@ type Chunk struct {
 	Logprobs []TokenLogprob `json:"logprobs,omitempty"`
 	// ToolCalls are pieces of tool calls as they form (see ToolCallDelta).
 	ToolCalls []ToolCallDelta `json:"tool_calls,omitempty"`
+	// DraftTokens is how many of TokenIDs a speculative draft proposed (0: none).
+	DraftTokens int `json:"draft_tokens,omitempty"`
 }
 
 // ---- score ----
