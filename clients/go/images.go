@@ -17,15 +17,27 @@ func ImagePath(path string) (ContentPart, error) {
 	return ContentPart{Type: "image_url", ImageURL: &ImageURL{URL: abs}}, nil
 }
 
-// ImageBytes is an image content part for an encoded image (PNG, JPEG, WebP, GIF, BMP, TIFF),
-// sent as a data: URL in every framing (this client's params travel as JSON, which cannot carry
-// MessagePack bin; base64 adds a third to the size).
+// ImageBytes is an image content part for an encoded image (PNG, JPEG, WebP, GIF, BMP, TIFF)
+// as a data: URL, which every framing carries (base64 adds a third to the size).
 func ImageBytes(data []byte) ContentPart {
+	return ContentPart{Type: "image_url", ImageURL: &ImageURL{URL: "data:" + imageMIME(data) + ";base64," + base64.StdEncoding.EncodeToString(data)}}
+}
+
+// ImageBytesFor is ImageBytes for a client's framing: over MessagePack the bytes go as they are
+// (a bin value, {Type: "image"}); over NDJSON and LSP as a data: URL.
+func ImageBytesFor(data []byte, framing Framing) ContentPart {
+	if framing != MsgPack {
+		return ImageBytes(data)
+	}
+	return ContentPart{Type: "image", Data: binMarker + base64.StdEncoding.EncodeToString(data), MIME: imageMIME(data)}
+}
+
+func imageMIME(data []byte) string {
 	mime := http.DetectContentType(data)
 	if len(mime) < 6 || mime[:6] != "image/" {
-		mime = "application/octet-stream" // the runtime decides the format from the bytes
+		return "application/octet-stream" // the runtime decides the format from the bytes
 	}
-	return ContentPart{Type: "image_url", ImageURL: &ImageURL{URL: "data:" + mime + ";base64," + base64.StdEncoding.EncodeToString(data)}}
+	return mime
 }
 
 // TextPart is a text content part.

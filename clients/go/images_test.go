@@ -49,7 +49,11 @@ func TestImagesFromPathAndBytes(t *testing.T) {
 		if info.Kind != "vision" || info.Vision == nil || info.Vision.ImageToken == "" {
 			t.Fatalf("LoadModel: %+v", info)
 		}
-		for _, part := range []sidecar.ContentPart{fromPath, sidecar.ImageBytes(buf.Bytes())} {
+		parts := []sidecar.ContentPart{fromPath, sidecar.ImageBytes(buf.Bytes()), sidecar.ImageBytesFor(buf.Bytes(), framing)}
+		if wantType := map[bool]string{true: "image", false: "image_url"}[framing == sidecar.MsgPack]; parts[2].Type != wantType {
+			t.Fatalf("%s: ImageBytesFor made a %q part", framing, parts[2].Type)
+		}
+		for _, part := range parts {
 			s, err := c.Generate(ctx, &sidecar.GenerateParams{Model: "v", MaxTokens: 10, Temperature: &zero,
 				Messages: []sidecar.Message{{Role: "user", Content: []sidecar.ContentPart{part, sidecar.TextPart("What is this?")}}}})
 			if err != nil {

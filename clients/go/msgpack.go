@@ -7,6 +7,7 @@ package sidecar
 import (
 	"bufio"
 	"bytes"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -49,7 +50,11 @@ func appendMsgpack(dst, msg []byte) ([]byte, error) {
 				err = enc.EncodeArrayLen(counts[i])
 			}
 		case string:
-			err = enc.EncodeString(t)
+			if raw, ok := binValue(toks, i, t); ok {
+				err = enc.EncodeBytes(raw) // image bytes (ImageBytesFor): MessagePack bin, no base64 on the wire
+			} else {
+				err = enc.EncodeString(t)
+			}
 		case json.Number:
 			err = encodeNumber(enc, string(t))
 		case bool:
@@ -96,6 +101,19 @@ func appendMsgpackMessage(dst []byte, id *int64, method string, params json.RawM
 		return dst, err
 	}
 	return out, nil
+}
+
+// binMarker starts a "data" string that stands for raw bytes (base64 after the marker): params
+// travel as JSON inside this client, and MessagePack framing sends such a value as bin.
+const binMarker = "\x00mlx-sidecar/bin;base64,"
+
+// binValue decodes toks[i] when it is the value of a "data" member written with binMarker.
+func binValue(toks []json.Token, i int, s string) ([]byte, bool) {
+	if i == 0 || toks[i-1] != "data" || !strings.HasPrefix(s, binMarker) {
+		return nil, false
+	}
+	raw, err := base64.StdEncoding.DecodeString(s[len(binMarker):])
+	return raw, err == nil
 }
 
 // jsonTokens reads the tokens of a JSON text, which must be exactly one value. counts[i] is,

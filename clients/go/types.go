@@ -531,9 +531,8 @@ type Message struct {
 }
 
 // ContentPart is one part of a message's content: {Type: "text", Text: ...} or
-// {Type: "image_url", ImageURL: ...} (see ImagePath and ImageBytes in images.go). The protocol's
-// {Type: "image", Data: bytes} needs MessagePack bin, which this client's JSON params cannot carry:
-// ImageBytes sends a data URL instead.
+// {Type: "image_url", ImageURL: ...} (see ImagePath, ImageBytes and ImageBytesFor in images.go).
+// {Type: "image", Data: ...} carries raw bytes as MessagePack bin: build it with ImageBytesFor.
 type ContentPart struct {
 	Type     string    `json:"type"`
 	Text     string    `json:"text,omitempty"`
