@@ -135,6 +135,10 @@ export interface Usage {
   total_tokens: number;
   /** Prompt tokens served from the prompt cache. */
   cached_tokens?: number;
+  /** Only for speculative requests: tokens the draft (a draft model or prompt lookup) proposed. */
+  draft_tokens?: number;
+  /** Only for speculative requests: proposed tokens the model accepted (each is also counted in completion_tokens). */
+  accepted_draft_tokens?: number;
 }
 
 export interface Timings {
@@ -184,6 +188,14 @@ export interface ModelInfo {
     max_image_side?: number;
     /** Images per request. */
     max_images?: number;
+  };
+  /** Only when loaded with draft_model: the draft that generate uses by default. */
+  draft?: {
+    /** draft_model as given. */
+    model: string;
+    path: string;
+    parameters: number;
+    num_draft_tokens: number;
   };
 }
 
@@ -262,6 +274,16 @@ export interface Tool {
   };
 }
 
+/** Speculative decoding: a draft proposes tokens and the model checks them all in one forward pass. Greedy output is the same as without it; sampled output has the same distribution. */
+export interface Speculative {
+  /** draft: the draft model given to model/load; prompt_lookup: copy the tokens that followed the latest earlier occurrence of the last n-gram (prompt and output so far); none: plain decoding. */
+  type: "draft" | "prompt_lookup" | "none";
+  /** Tokens proposed per step (default: model/load's num_draft_tokens for draft, 8 for prompt_lookup). */
+  num_draft_tokens?: number;
+  /** prompt_lookup only: the longest n-gram matched (default 3; shorter ones are tried when it has no match). */
+  max_ngram?: number;
+}
+
 export interface InitializeParams {
   /** The protocol version the client speaks; a different major version is refused. */
   protocol_version?: string;
@@ -327,6 +349,72 @@ export interface RuntimeInfoResult {
   };
 }
 
+export type RuntimeMetricsParams = Record<string, never>;
+
+/** Counters since start, gauges now, and latency percentiles of recent requests. */
+export interface RuntimeMetricsResult {
+  uptime_ms: number;
+  /** Answered requests by method, then by outcome: "ok" or the error's data.type. */
+  requests: {
+    [key: string]: {
+      [key: string]: number;
+    };
+  };
+  /** Error answers by code (as a string). */
+  errors: {
+    [key: string]: number;
+  };
+  /** Requests answered as cancelled. */
+  cancellations: number;
+  /** Requests refused as overloaded. */
+  overloads: number;
+  /** generate tokens: prompt (cached ones included), served from the prompt cache, generated. */
+  tokens: {
+    prompt: number;
+    cached: number;
+    completion: number;
+  };
+  latency_ms: {
+    /** Nearest-rank percentiles over the most recent 4,096 samples, in milliseconds. */
+    ttft: {
+      count: number;
+      p50?: number;
+      p95?: number;
+      p99?: number;
+      max?: number;
+    };
+    /** Nearest-rank percentiles over the most recent 4,096 samples, in milliseconds. */
+    inter_token: {
+      count: number;
+      p50?: number;
+      p95?: number;
+      p99?: number;
+      max?: number;
+    };
+    /** Nearest-rank percentiles over the most recent 4,096 samples, in milliseconds. */
+    queue_wait: {
+      count: number;
+      p50?: number;
+      p95?: number;
+      p99?: number;
+      max?: number;
+    };
+  };
+  gauges: {
+    requests_in_flight: number;
+    generating: number;
+    queued: number;
+    /** Per busy model: generate requests running and waiting. */
+    streams: {
+      [key: string]: {
+        running: number;
+        waiting: number;
+      };
+    };
+    memory: Memory;
+  };
+}
+
 export interface ModelLoadParams {
   /** A local model directory, a .gguf file, an alias such as "default", or a Hugging Face id. */
   model: string;
@@ -336,6 +424,10 @@ export interface ModelLoadParams {
   dtype?: "auto" | "float32" | "float16" | "bfloat16";
   /** Allow model code shipped with the weights to run. Default false. */
   trust_remote_code?: boolean;
+  /** A smaller model (path or alias) that drafts tokens for this one; its tokenizer must map every token (and special token) the same way, else -32602. Requests then speculate with it unless they say otherwise. */
+  draft_model?: string;
+  /** With draft_model: tokens drafted per step (default 3). */
+  num_draft_tokens?: number;
 }
 
 export type ModelLoadResult = ModelInfo;
@@ -386,6 +478,8 @@ export type GenerateParams = {
   /** With logprobs: also the N most likely tokens at each position (0-20, default 0). */
   top_logprobs?: number;
   response_format?: ResponseFormat;
+  /** Default: the model's draft when it was loaded with one, else none. Speculation runs while the request is alone; when others join it decodes in their batch without it. */
+  speculative?: Speculative;
   /** Functions the model may call; needs messages. */
   tools?: Tool[];
   /** Default auto (with tools). required or a named function: exactly one call, its arguments held to the function's schema. */
@@ -530,6 +624,8 @@ export interface GenerateChunkParams {
   logprobs?: TokenLogprob[];
   /** Only with tools: pieces of tool calls as they form; tool-call markup never appears in text. */
   tool_calls?: ToolCallDelta[];
+  /** Only when some are: how many of token_ids were proposed by the draft (speculative decoding) and accepted. */
+  draft_tokens?: number;
 }
 
 export interface ProgressParams {
@@ -544,7 +640,7 @@ export interface ProgressParams {
 }
 
 /** The request methods, in protocol.json's order. */
-export const METHODS = ["initialize", "shutdown", "runtime/ping", "runtime/info", "model/load", "model/unload", "model/list", "generate", "score", "tokenize", "detokenize"] as const;
+export const METHODS = ["initialize", "shutdown", "runtime/ping", "runtime/info", "runtime/metrics", "model/load", "model/unload", "model/list", "generate", "score", "tokenize", "detokenize"] as const;
 
 /** Every request method: its params and result. */
 export interface Methods {
@@ -552,6 +648,7 @@ export interface Methods {
   "shutdown": { params: ShutdownParams; result: ShutdownResult };
   "runtime/ping": { params: RuntimePingParams; result: RuntimePingResult };
   "runtime/info": { params: RuntimeInfoParams; result: RuntimeInfoResult };
+  "runtime/metrics": { params: RuntimeMetricsParams; result: RuntimeMetricsResult };
   "model/load": { params: ModelLoadParams; result: ModelLoadResult };
   "model/unload": { params: ModelUnloadParams; result: ModelUnloadResult };
   "model/list": { params: ModelListParams; result: ModelListResult };
