@@ -387,6 +387,15 @@ func (cl *Client) Info(ctx context.Context) (*RuntimeInfo, error) {
 	return &r, nil
 }
 
+// Metrics calls runtime/metrics.
+func (cl *Client) Metrics(ctx context.Context) (*Metrics, error) {
+	var r Metrics
+	if err := cl.Call(ctx, "runtime/metrics", nil, &r); err != nil {
+		return nil, err
+	}
+	return &r, nil
+}
+
 // LoadModel calls model/load. Progress goes to Options.OnProgress. A model loaded this way is
 // loaded again, with the same params, after a restart.
 func (cl *Client) LoadModel(ctx context.Context, p *ModelLoadParams) (*ModelInfo, error) {

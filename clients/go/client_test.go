@@ -52,6 +52,10 @@ func TestEveryMethod(t *testing.T) {
 			if err != nil || len(models) != 1 || models[0].ID != "m" {
 				t.Fatalf("ListModels: %v %+v", err, models)
 			}
+			metrics, err := c.Metrics(ctx)
+			if err != nil || metrics.Requests["model/load"]["ok"] != 1 || metrics.Requests["runtime/ping"]["ok"] != 1 {
+				t.Errorf("Metrics: %v %+v", err, metrics)
+			}
 			mu.Lock()
 			got := append([]sidecar.Progress(nil), progress...)
 			mu.Unlock()

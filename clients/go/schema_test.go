@@ -23,32 +23,34 @@ var schemaTypes = map[string]struct {
 	typ  any
 	sent bool
 }{
-	"initialize.params.json":     {sidecar.InitializeParams{}, true},
-	"initialize.result.json":     {sidecar.InitializeResult{}, false},
-	"shutdown.params.json":       {sidecar.ShutdownParams{}, true},
-	"shutdown.result.json":       {sidecar.ShutdownResult{}, false},
-	"runtime.ping.params.json":   {sidecar.PingParams{}, true},
-	"runtime.ping.result.json":   {sidecar.PingResult{}, false},
-	"runtime.info.params.json":   {sidecar.InfoParams{}, true},
-	"runtime.info.result.json":   {sidecar.RuntimeInfo{}, false},
-	"model.load.params.json":     {sidecar.ModelLoadParams{}, true},
-	"model.load.result.json":     {sidecar.ModelInfo{}, false},
-	"model.unload.params.json":   {sidecar.ModelUnloadParams{}, true},
-	"model.unload.result.json":   {sidecar.ModelUnloadResult{}, false},
-	"model.list.params.json":     {sidecar.ModelListParams{}, true},
-	"model.list.result.json":     {sidecar.ModelListResult{}, false},
-	"generate.params.json":       {sidecar.GenerateParams{}, true},
-	"generate.result.json":       {sidecar.GenerateResult{}, false},
-	"score.params.json":          {sidecar.ScoreParams{}, true},
-	"score.result.json":          {sidecar.ScoreResult{}, false},
-	"tokenize.params.json":       {sidecar.TokenizeParams{}, true},
-	"tokenize.result.json":       {sidecar.TokenizeResult{}, false},
-	"detokenize.params.json":     {sidecar.DetokenizeParams{}, true},
-	"detokenize.result.json":     {sidecar.DetokenizeResult{}, false},
-	"exit.params.json":           {sidecar.ExitParams{}, true},
-	"cancel_request.params.json": {sidecar.CancelRequestParams{}, true},
-	"generate.chunk.params.json": {sidecar.Chunk{}, false},
-	"progress.params.json":       {sidecar.Progress{}, false},
+	"initialize.params.json":      {sidecar.InitializeParams{}, true},
+	"initialize.result.json":      {sidecar.InitializeResult{}, false},
+	"shutdown.params.json":        {sidecar.ShutdownParams{}, true},
+	"shutdown.result.json":        {sidecar.ShutdownResult{}, false},
+	"runtime.ping.params.json":    {sidecar.PingParams{}, true},
+	"runtime.ping.result.json":    {sidecar.PingResult{}, false},
+	"runtime.info.params.json":    {sidecar.InfoParams{}, true},
+	"runtime.info.result.json":    {sidecar.RuntimeInfo{}, false},
+	"runtime.metrics.params.json": {sidecar.MetricsParams{}, true},
+	"runtime.metrics.result.json": {sidecar.Metrics{}, false},
+	"model.load.params.json":      {sidecar.ModelLoadParams{}, true},
+	"model.load.result.json":      {sidecar.ModelInfo{}, false},
+	"model.unload.params.json":    {sidecar.ModelUnloadParams{}, true},
+	"model.unload.result.json":    {sidecar.ModelUnloadResult{}, false},
+	"model.list.params.json":      {sidecar.ModelListParams{}, true},
+	"model.list.result.json":      {sidecar.ModelListResult{}, false},
+	"generate.params.json":        {sidecar.GenerateParams{}, true},
+	"generate.result.json":        {sidecar.GenerateResult{}, false},
+	"score.params.json":           {sidecar.ScoreParams{}, true},
+	"score.result.json":           {sidecar.ScoreResult{}, false},
+	"tokenize.params.json":        {sidecar.TokenizeParams{}, true},
+	"tokenize.result.json":        {sidecar.TokenizeResult{}, false},
+	"detokenize.params.json":      {sidecar.DetokenizeParams{}, true},
+	"detokenize.result.json":      {sidecar.DetokenizeResult{}, false},
+	"exit.params.json":            {sidecar.ExitParams{}, true},
+	"cancel_request.params.json":  {sidecar.CancelRequestParams{}, true},
+	"generate.chunk.params.json":  {sidecar.Chunk{}, false},
+	"progress.params.json":        {sidecar.Progress{}, false},
 }
 
 type protocolFile struct {
@@ -108,7 +110,7 @@ func TestSchemasHaveTypes(t *testing.T) {
 			t.Errorf("%s has a Go type but protocol.json does not name it", f)
 		}
 	}
-	methods := []string{"initialize", "shutdown", "runtime/ping", "runtime/info", "model/load", "model/unload", "model/list", "generate", "score", "tokenize", "detokenize"}
+	methods := []string{"initialize", "shutdown", "runtime/ping", "runtime/info", "runtime/metrics", "model/load", "model/unload", "model/list", "generate", "score", "tokenize", "detokenize"}
 	for m := range p.Methods {
 		if !slices.Contains(methods, m) {
 			t.Errorf("method %s is new: give it types and a Client method", m)

@@ -73,6 +73,7 @@ class Request:
         self._sink(None if self.is_notification else message, buf)
         if self.on_done is not None:
             self.on_done()
+        self._inflight.metrics.request_done(self.method, message.get("error"))
         self._inflight.complete(self)
 
 
@@ -148,6 +149,8 @@ class Dispatcher:
         def reject(id, error):
             if batch is not None:
                 batch.expect()
+            method = msg.get("method") if isinstance(msg, dict) else None
+            self.inflight.metrics.request_done(method if type(method) is str else "(invalid)", error.to_dict())
             sink(error_message(id, error), None)
 
         if not isinstance(msg, dict):

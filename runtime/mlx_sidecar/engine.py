@@ -61,6 +61,11 @@ class Engine:
     def generating(self) -> int:
         return sum(len(r.active) + (r.solo is not None) for r in list(self._runners.values()))
 
+    def streams(self) -> dict:
+        """Per model: generate requests decoding now and waiting for a batch slot."""
+        return {mid: {"running": len(r.active) + (r.solo is not None), "waiting": len(r.waiting)}
+                for mid, r in list(self._runners.items()) if len(r)}
+
     @property
     def queued(self) -> int:
         return sum(len(r.waiting) for r in list(self._runners.values())) + len(self._inbox)

@@ -5,6 +5,7 @@ these few verbs, so no fact is read-modified-written from two threads at once.""
 import threading
 
 from .errors import INVALID_REQUEST, OVERLOADED, RpcError
+from .metrics import Metrics
 
 
 class InFlight:
@@ -19,6 +20,7 @@ class InFlight:
         self._shutting_down = False
         self._got_shutdown = False
         self.on_drained = lambda: None  # called once shutdown has been answered
+        self.metrics = Metrics()        # what has been answered so far (runtime/metrics)
 
     # ---- requests ----
     def admit(self, req) -> None:

@@ -32,6 +32,13 @@ for (const framing of FRAMINGS) {
       assert.deepEqual(sidecar.loadedModels, [{ model: tinyModel(), id: "m" }]);
     });
 
+    test("runtime/metrics is typed and counts the load", async () => {
+      const metrics = await sidecar.request("runtime/metrics");
+      assert.equal(metrics.requests["model/load"]?.ok, 1);
+      assert.equal(metrics.gauges.requests_in_flight, 1);
+      assert.equal(typeof metrics.latency_ms.ttft.count, "number");
+    });
+
     test("generate streams chunks that add up to the result", async () => {
       const stream = sidecar.generate({ model: "m", prompt: "Hello", max_tokens: 40, temperature: 0, stream_options: { chunk_tokens: 4 } });
       const chunks: GenerateChunk[] = [];

@@ -10,6 +10,7 @@ HANDLERS = {
     "exit": lifecycle.exit,
     "runtime/ping": runtime.ping,
     "runtime/info": runtime.info,
+    "runtime/metrics": runtime.metrics,
     "model/load": model.load,
     "model/unload": model.unload,
     "model/list": model.list_models,

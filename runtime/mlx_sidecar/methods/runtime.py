@@ -1,4 +1,4 @@
-"""runtime/ping and runtime/info: answered on the reader thread, never behind a model."""
+"""runtime/ping, runtime/info and runtime/metrics: answered on the reader thread, never behind a model."""
 
 import os
 import time
@@ -26,3 +26,12 @@ def info(ctx, req):
         "grammar_cache": constraints.cache_info(),
         "in_flight": {"requests": len(ctx.inflight), "generating": engine.generating, "queued": engine.queued},
     }
+
+
+def metrics(ctx, req):
+    engine = ctx.engine
+    snap = ctx.inflight.metrics.snapshot()
+    snap["uptime_ms"] = round((time.monotonic() - ctx.started_at) * 1000, 1)
+    snap["gauges"] = {"requests_in_flight": len(ctx.inflight), "generating": engine.generating,
+                      "queued": engine.queued, "streams": engine.streams(), "memory": dict(engine.memory)}
+    return snap
