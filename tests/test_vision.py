@@ -431,3 +431,23 @@ def test_cancel_one_image_request_of_a_batch(vision):
             answers[msg["id"]] = msg
     assert answers[ids[0]]["error"]["code"] == -32800
     assert [result(answers[i])["text"] for i in ids[1:]] == alone
+
+
+def test_unloading_a_vision_model_ends_its_requests(vision):
+    p = vision()
+    img = url_part(data_url(png()))
+    ids = [p.start("generate", {"model": "v", "max_tokens": 100000, "temperature": 0, "stream_options": {"chunk_tokens": 1},
+                                "messages": [{"role": "user", "content": [img, {"type": "text", "text": text}]}]})
+           for text in ("one", "two")]
+    while True:
+        msg = p.recv()
+        if msg.get("method") == "generate/chunk":
+            break
+    unload = p.start("model/unload", {"model": "v"})
+    answers = {}
+    while len(answers) < 3:
+        msg = p.recv()
+        if msg.get("id") in ids + [unload]:
+            answers[msg["id"]] = msg
+    assert result(answers[unload]) == {"id": "v"}
+    assert [answers[i]["error"]["code"] for i in ids] == [-32005, -32005]
