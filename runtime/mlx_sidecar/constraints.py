@@ -292,11 +292,15 @@ def _compile_job(server, gen) -> None:
     if req.cancel_requested:
         return  # cancelled while waiting here: already answered
     try:
+        if getattr(gen, "tool_plan", None) is not None:
+            # Tool schemas (tools.py); a forced call becomes the format to compile.
+            gen.format = gen.tool_plan.check() or gen.format
         fmt = gen.format  # response_format, or a forced tool call's grammar
-        spec_for(fmt)
-        loaded = server.engine.models.get(gen.model_id)
-        if loaded is not None and loaded.tokenizer is not None:
-            _template(loaded, fmt)   # else the model is still loading: the engine compiles it
+        if fmt:
+            spec_for(fmt)
+            loaded = server.engine.models.get(gen.model_id)
+            if loaded is not None and loaded.tokenizer is not None:
+                _template(loaded, fmt)   # else the model is still loading: the engine compiles it
     except RpcError as e:
         req.fail(e)
         return

@@ -13,7 +13,9 @@ results written in the same Hermes-style markup. Decoding:
   schema, on every model; the arguments stream as they form.
 - "none": no calls are parsed; the tools still reach the template."""
 
+import collections
 import json
+import threading
 import uuid
 
 from .errors import INVALID_PARAMS, RpcError
@@ -35,6 +37,9 @@ FALLBACK_HOW_REQUIRED = (
     'Answer now with one function call: a JSON object {"name": "<function name>", "arguments": {<arguments>}}.'
 )
 NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+CACHE_SIZE = 64
+_lock = threading.Lock()
+_checked: collections.OrderedDict = collections.OrderedDict()   # (tools, choice) → format or None
 
 
 def _bad(message: str, path: str) -> RpcError:
@@ -42,19 +47,63 @@ def _bad(message: str, path: str) -> RpcError:
 
 
 class Plan:
-    """What a request's tools ask for: the functions, the choice, and for a forced call the
-    grammar (a response_format for constraints.py)."""
+    """What a request's tools ask for: the functions and the choice. `check` (on the compile
+    worker, never the reading thread) checks the schemas and makes a forced call's grammar."""
 
-    def __init__(self, tools: list, choice):
+    def __init__(self, tools: list, choice, index: dict | None = None):
         self.tools = tools                           # OpenAI function definitions, as sent
         self.functions = {t["function"]["name"]: t["function"] for t in tools}
         self.choice = choice                         # "auto", "none", "required" or a function name
         self.forced = choice not in ("auto", "none")
-        self.format = _grammar([self.functions[choice]] if choice not in ("auto", "none", "required") else list(self.functions.values())) if self.forced else None
+        self.format = None                           # a forced call's grammar (a response_format), after check
+        self._index = index or {}                    # function name → its index in tools
+
+    def check(self):
+        """Refuse tool schemas that are not JSON Schema, and for a forced call those the
+        structured-output machinery cannot enforce (-32602 at the keyword's path); returns the
+        forced call's format, or None. Tools that passed before are not checked again (an agent
+        loop sends the same tools every turn)."""
+        key = json.dumps([self.tools, self.choice], sort_keys=True)
+        with _lock:
+            if key in _checked:
+                _checked.move_to_end(key)
+                self.format = _checked[key]
+                return self.format
+        self.format = self._check()
+        with _lock:
+            _checked[key] = self.format
+            while len(_checked) > CACHE_SIZE:
+                _checked.popitem(last=False)
+        return self.format
+
+    def _check(self):
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import SchemaError
+
+        from .constraints import _json_spec
+
+        for i, tool in enumerate(self.tools):
+            fn = tool["function"]
+            if "parameters" not in fn:
+                continue
+            try:
+                Draft202012Validator.check_schema(fn["parameters"])
+            except SchemaError as e:
+                where = f"/tools/{i}/function/parameters" + "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in e.absolute_path)
+                raise _bad(f"the parameters of tool {fn['name']!r} are not valid JSON Schema: {e.message}", where) from None
+        if not self.forced:
+            return None
+        names = list(self.functions) if self.choice == "required" else [self.choice]
+        for name in names:
+            fn = self.functions[name]
+            if "parameters" in fn:
+                _json_spec(fn["parameters"], f"/tools/{self._index[name]}/function/parameters", "json_schema")
+        return _grammar([self.functions[n] for n in names])
 
 
 def plan(params: dict) -> Plan | None:
-    """Check tools, tool_choice and tool messages (dispatcher thread, before any compute)."""
+    """Check tools, tool_choice and tool messages (cheap checks, on the dispatcher thread, before
+    any compute); the schemas are checked by Plan.check on the compile worker."""
     tools = params.get("tools")
     choice = params.get("tool_choice")
     if "messages" in params:
@@ -66,22 +115,12 @@ def plan(params: dict) -> Plan | None:
         return Plan([], "none") if history else None  # earlier calls and results still need rendering
     if "prompt" in params:
         raise _bad("tools need messages (a chat); prompt is raw text with no place for them", "/tools")
-    from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import SchemaError
-
     seen = {}
     for i, tool in enumerate(tools):
-        fn = tool["function"]
-        name = fn["name"]
+        name = tool["function"]["name"]
         if name in seen:
             raise _bad(f"two tools are named {name!r} (tools/{seen[name]} and tools/{i}); names must be unique", f"/tools/{i}/function/name")
         seen[name] = i
-        if "parameters" in fn:
-            try:
-                Draft202012Validator.check_schema(fn["parameters"])
-            except SchemaError as e:
-                where = f"/tools/{i}/function/parameters" + "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in e.absolute_path)
-                raise _bad(f"the parameters of tool {name!r} are not valid JSON Schema: {e.message}", where) from None
     if choice is None:
         choice = "auto"
     elif isinstance(choice, dict):
@@ -91,16 +130,7 @@ def plan(params: dict) -> Plan | None:
         choice = name
     if choice not in ("auto", "none") and params.get("response_format"):
         raise _bad("response_format cannot be combined with a required or named tool_choice (the call's own schema holds the output)", "/response_format")
-    if choice not in ("auto", "none"):
-        # A forced call is enforced: its schemas must be what the structured-output machinery enforces.
-        from .constraints import _json_spec
-
-        names = list(seen) if choice == "required" else [choice]
-        for name in names:
-            i = seen[name]
-            if "parameters" in tools[i]["function"]:
-                _json_spec(tools[i]["function"]["parameters"], f"/tools/{i}/function/parameters", "json_schema")
-    return Plan(tools, choice)
+    return Plan(tools, choice, seen)
 
 
 def _check_messages(messages: list) -> None:

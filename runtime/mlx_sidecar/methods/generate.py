@@ -13,12 +13,10 @@ def generate(ctx, req):
     req.partial = {"finish_reason": "cancelled", "text": "",
                    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
     gen = Generation(req, req.params, ctx.writer)
-    if plan is not None:
-        gen.tool_plan = plan
-        gen.format = plan.format or gen.format
+    gen.tool_plan = plan
 
     def queue():
-        if gen.format:
+        if gen.format or plan is not None:  # formats and tool schemas are checked on a worker
             constraints.compile_then_queue(ctx, gen)
         else:
             ctx.engine.generate(gen)
