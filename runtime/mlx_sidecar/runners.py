@@ -13,10 +13,8 @@ up for more than one step."""
 
 import collections
 import logging
-import time
 
-from . import defaults, logprobs, speculative
-from .pacing import PrefillPacer
+from . import logprobs, speculative
 from .errors import CANCELLED, GENERATION_FAILED, RpcError
 from .sampling import heal_random_state
 
@@ -39,7 +37,6 @@ class ModelRunner:
 
         self.loaded = loaded
         self.max_batch = max_batch
-        self.pacer = PrefillPacer(defaults.PREFILL_SLICE_FACTOR)  # prompt slices between decode steps
         self.batchable = all(hasattr(c, "merge") for c in make_prompt_cache(loaded.model))
         self.prompt_cache = LRUPromptCache(max_size=64, max_bytes=cache_bytes) if cache_bytes > 0 else None
         self.waiting: collections.deque = collections.deque()
@@ -229,14 +226,8 @@ class ModelRunner:
             self._insert(gen, rest, cache, gen.prompt_ids[: gen.cached_tokens], gen.max_tokens)
 
     def _step_batch(self) -> None:
-        # Size this step's prompt slice so running streams are not starved (pacing.py).
-        waiting_first = sum(1 for g in self.active.values() if g.first_at is None)
-        decoding = waiting_first < len(self.active)
-        self.generator.prefill_step_size = self.pacer.slice(decoding, waiting_first)
         try:
-            started = time.perf_counter()
-            prompt_responses, responses = self.generator.next()
-            self.pacer.observe(prompt_responses, time.perf_counter() - started, bool(responses))
+            _, responses = self.generator.next()
         except Exception as e:
             log.exception("batched generation failed")
             heal_random_state()
