@@ -23,7 +23,8 @@ const modelDir = mkdtempSync(join(tmpdir(), "mlx-sidecar-ts-model-"));
 let status = 1;
 try {
   execFileSync(spec.command, ["-m", "mlx_sidecar.testing", "make-model", modelDir], { stdio: ["ignore", "ignore", "inherit"] });
-  const result = spawnSync(process.execPath, ["--test", ...process.argv.slice(2), ...files], {
+  // --test-force-exit: a test that timed out may leave a runtime running; do not wait for it.
+  const result = spawnSync(process.execPath, ["--test", "--test-force-exit", ...process.argv.slice(2), ...files], {
     stdio: "inherit",
     env: { ...process.env, MLX_SIDECAR_TEST_MODEL: modelDir },
   });

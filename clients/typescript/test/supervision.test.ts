@@ -227,19 +227,27 @@ describe("close()", { timeout: 30_000 }, () => {
   });
 
   test("does not wait past shutdownTimeoutMs for a long generation", async () => {
-    const sidecar = await Sidecar.start({ shutdownTimeoutMs: 200 });
-    await sidecar.request("model/load", { model: tinyModel(), id: "m" });
+    // Each step is bounded, so a hang names its step instead of timing out the whole suite.
+    const sidecar = await within(Sidecar.start({ shutdownTimeoutMs: 200 }), 20_000, "start");
+    await within(sidecar.request("model/load", { model: tinyModel(), id: "m" }), 20_000, "model/load");
     const stream = sidecar.generate({ model: "m", prompt: "Hello", max_tokens: 100_000, temperature: 0, stream_options: { chunk_tokens: 1 } });
-    for await (const chunk of stream) if (chunk.index === 0) break;
+    await within(
+      (async () => {
+        for await (const chunk of stream) if (chunk.index === 0) break;
+      })(),
+      20_000,
+      "the first chunk",
+    );
     const long = sidecar.request("generate", { model: "m", prompt: "Hello", max_tokens: 100_000, temperature: 0 });
     const longSettled = long.then(() => "resolved", (e: unknown) => e);
     const started = Date.now();
-    await sidecar.close();
+    await within(sidecar.close(), 10_000, "close()");
     assert.ok(Date.now() - started < 3000, `close took ${Date.now() - started} ms`);
-    // The runtime cancelled it on exit (-32800).
-    const error = await longSettled;
+    // close() cancelled it (a generate in flight), and the runtime answered -32800.
+    const error = await within(longSettled, 5000, "the long generation's answer");
     assert.ok(error instanceof RpcError && error.code === -32800, `expected a -32800 answer, got ${error}`);
   });
+
 
   test("after a crash without autoRestart, close() still resolves", async () => {
     const sidecar = await Sidecar.start();
