@@ -6,6 +6,7 @@ the model. Every refusal is -32602 with data.path naming the image (message and 
 
 import base64
 import binascii
+import collections
 import hashlib
 import io
 import logging
@@ -25,6 +26,7 @@ MAX_IMAGE_BYTES = 48 << 20      # encoded bytes per image (files, data URLs, bin
 MAX_SOURCE_PIXELS = 64_000_000  # declared width x height; larger is refused before decoding
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 LOW_DETAIL_SIDE = 512           # detail "low" caps the longest side here
+DECODED_CACHE_BYTES = 32 << 20  # decoded images kept for the same bytes asked about again
 
 
 def _total_ram() -> int | None:
@@ -175,6 +177,10 @@ def decode(data: bytes, where: str, max_side: int) -> Image:
     from PIL import Image as PILImage, ImageOps, UnidentifiedImageError
 
     digest = hashlib.sha256(data).hexdigest()
+    seen = _decoded.get((digest, max_side))
+    if seen is not None:   # the same bytes at the same budget: decoded before
+        pil, source = seen
+        return Image(pil=pil, sha256=digest, path=where, source_size=source, size=pil.size)
     try:
         im = PILImage.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
@@ -204,7 +210,36 @@ def decode(data: bytes, where: str, max_side: int) -> Image:
     if max(im.size) > max_side:
         scale = max_side / max(im.size)
         im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))), PILImage.Resampling.BICUBIC)
+    _decoded.put((digest, max_side), (im, source), im.width * im.height * len(im.getbands()))
     return Image(pil=im, sha256=digest, path=where, source_size=source, size=im.size)
+
+
+class _Decoded:
+    """Decoded images by content hash and budget, newest last, bounded by bytes (worker thread)."""
+
+    def __init__(self, max_bytes: int = DECODED_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self.entries: collections.OrderedDict = collections.OrderedDict()   # key → (value, nbytes)
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            hit = self.entries.get(key)
+            if hit is None:
+                return None
+            self.entries.move_to_end(key)
+            return hit[0]
+
+    def put(self, key, value, nbytes: int) -> None:
+        if nbytes > self.max_bytes:
+            return
+        with self.lock:
+            self.entries[key] = (value, nbytes)
+            while sum(n for _, n in self.entries.values()) > self.max_bytes:
+                self.entries.popitem(last=False)
+
+
+_decoded = _Decoded()
 
 
 def _to_rgb(im):

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 PREFILL_STEP = 512
 CACHE_ENTRIES = 8            # KV caches kept per vision model (also bounded by bytes)
 MIGRATE_MIN_LEFT = 16        # a lone request moves into a new batch only with this many tokens to go
+PIXEL_CACHE_BYTES = 64 << 20 # the processor's prepared pixels kept per vision model, by image
 
 
 def is_vision_config(config: dict) -> bool:
@@ -170,10 +171,13 @@ def prepare(loaded, params: dict, images) -> Inputs:
         if images and isinstance(token, str) and text.count(token) != len(images):
             raise RpcError(INVALID_PARAMS, f"the prompt has {text.count(token)} image placeholders ({token!r}) but {len(images)} images were sent; "
                            f"write one {token!r} where each image goes (this model's convention)", path="/images")
+    pils = [im.pil for im in images]
+    keys = tuple(f"{im.sha256}:{im.size[0]}x{im.size[1]}" for im in images)
     try:
-        inputs = prepare_inputs(processor, images=[im.pil for im in images] or None, prompts=text,
-                                image_token_index=getattr(model.config, "image_token_index", None),
-                                add_special_tokens=should_add_special_tokens(model.config.model_type, processor))
+        with _pixels_cached(processor, keys, pils):
+            inputs = prepare_inputs(processor, images=pils or None, prompts=text,
+                                    image_token_index=getattr(model.config, "image_token_index", None),
+                                    add_special_tokens=should_add_special_tokens(model.config.model_type, processor))
     except Exception as e:
         where = images[0].path if images else ("/messages" if "messages" in params else "/prompt")
         raise RpcError(INVALID_PARAMS, f"the processor of {loaded.id!r} refused these inputs: {type(e).__name__}: {e}", path=where) from None
@@ -193,7 +197,80 @@ def prepare(loaded, params: dict, images) -> Inputs:
             entry["processed_height"] = int(grid[n, 1].item()) * int(patch)
         reported.append(entry)
     return Inputs(ids=ids, input_ids=input_ids, pixel_values=inputs.get("pixel_values"), mask=inputs.get("attention_mask"),
-                  extra=extra, image_keys=tuple(f"{im.sha256}:{im.size[0]}x{im.size[1]}" for im in images), images=reported)
+                  extra=extra, image_keys=keys, images=reported)
+
+
+# ---- the processor's pixels for images seen before ----
+_pixel_caches: "weakref.WeakKeyDictionary" = None
+
+
+class _PixelCache:
+    """The image processor's outputs by image set (content hash and size), newest last, bounded by bytes."""
+
+    def __init__(self, max_bytes: int = PIXEL_CACHE_BYTES):
+        self.max_bytes = max_bytes
+        self.entries: collections.OrderedDict = collections.OrderedDict()   # key → (outputs, nbytes)
+
+    def get(self, key):
+        hit = self.entries.get(key)
+        if hit is not None:
+            self.entries.move_to_end(key)
+            return hit[0]
+        return None
+
+    def put(self, key, outputs) -> None:
+        size = sum(getattr(v, "nbytes", 0) for v in outputs.values())
+        if size > self.max_bytes:
+            return
+        self.entries[key] = (outputs, size)
+        while sum(n for _, n in self.entries.values()) > self.max_bytes:
+            self.entries.popitem(last=False)
+
+
+class _CachingImageProcessor:
+    """Stands in for a processor's image_processor during one prepare: called with exactly this
+    request's images, it answers from the cache when they were prepared before (a second
+    question about one screenshot skips the resize and normalisation)."""
+
+    def __init__(self, inner, keys, pils, cache):
+        self._inner, self._keys, self._pils, self._cache = inner, keys, pils, cache
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def __call__(self, *args, **kwargs):
+        images = kwargs.get("images", args[0] if args else None)
+        mine = (isinstance(images, list) and len(images) == len(self._pils)
+                and all(a is b for a, b in zip(images, self._pils)) and len(args) <= 1)
+        if not mine:
+            return self._inner(*args, **kwargs)
+        key = (self._keys, repr(sorted((k, v) for k, v in kwargs.items() if k != "images")))
+        outputs = self._cache.get(key)
+        if outputs is None:
+            outputs = self._inner(*args, **kwargs)
+            self._cache.put(key, outputs)
+        return outputs
+
+
+@contextlib.contextmanager
+def _pixels_cached(processor, keys, pils):
+    global _pixel_caches
+    inner = getattr(processor, "image_processor", None)
+    if not pils or inner is None or PIXEL_CACHE_BYTES <= 0:
+        yield
+        return
+    import weakref
+
+    if _pixel_caches is None:
+        _pixel_caches = weakref.WeakKeyDictionary()
+    cache = _pixel_caches.get(processor)
+    if cache is None:
+        cache = _pixel_caches[processor] = _PixelCache()
+    processor.image_processor = _CachingImageProcessor(inner, keys, pils, cache)
+    try:
+        yield
+    finally:
+        processor.image_processor = inner
 
 
 # ---- KV caches of earlier requests ----
