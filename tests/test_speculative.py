@@ -179,6 +179,19 @@ def test_seed_stop_and_max_tokens_hold(spec):
         assert got["usage"]["completion_tokens"] == n and got["finish_reason"] == "length"
 
 
+def test_logprobs_under_speculation(spec):
+    base = greedy(max_tokens=40, logprobs=True, top_logprobs=3, stream=True)
+    plain, plain_chunks = run(spec, base)
+    for extra in ({"speculative": {"type": "prompt_lookup"}}, {"model": "self"}):
+        got, chunks = run(spec, {**base, **extra})
+        assert got["usage"]["accepted_draft_tokens"] > 0
+        assert [c["token"] for c in got["logprobs"]["content"]] == [c["token"] for c in plain["logprobs"]["content"]]
+        for a, b in zip(got["logprobs"]["content"], plain["logprobs"]["content"]):
+            assert abs(a["logprob"] - b["logprob"]) < 1e-3
+            assert [t["token"] for t in a["top_logprobs"]] == [t["token"] for t in b["top_logprobs"]]
+        assert sum(len(c["logprobs"]) for c in chunks) == 40
+
+
 def test_cancel_mid_speculation(spec):
     rid = spec.start("generate", greedy(max_tokens=900, stream=True, model="self", stream_options={"chunk_tokens": 4}))
     while True:

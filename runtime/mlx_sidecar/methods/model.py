@@ -22,6 +22,8 @@ def _already(ctx, model_id: str, source: str):
 def load(ctx, req):
     source = req.params["model"]
     model_id = req.params.get("id", source)
+    if "num_draft_tokens" in req.params and "draft_model" not in req.params:
+        raise RpcError(INVALID_PARAMS, "num_draft_tokens needs draft_model", path="/num_draft_tokens")
     info = _already(ctx, model_id, source)
     if info is not None:
         return info
@@ -60,10 +62,6 @@ def _load(ctx, engine, req, source, model_id):
             models.release(loaded)
             progress(1.0, "failed", end=True)
             raise
-    elif "num_draft_tokens" in req.params:
-        models.release(loaded)
-        progress(1.0, "failed", end=True)
-        raise RpcError(INVALID_PARAMS, "num_draft_tokens needs draft_model", path="/num_draft_tokens")
     progress(1.0, "done", end=True)
     if loaded.kind == "vision" and ctx.images is not None:
         loaded.info["vision"].update(max_image_side=ctx.images.max_side, max_images=ctx.images.max_images)
