@@ -181,3 +181,30 @@ def test_score_a_completion_and_bad_input(loaded, full_rows):
         assert answer["error"]["code"] == -32602 and answer["error"]["data"]["path"] == path, answer
     answer, _ = loaded.request("score", {"model": "nope", "prompt": "x"})
     assert answer["error"]["code"] == -32000
+
+
+def test_logprobs_unchanged_when_a_running_request_moves_into_a_batch(loaded, reference):
+    """A request alone (generate_step) moves into the batch mid-stream when others arrive: its
+    items stay one per token, none repeated or lost, equal to mlx-lm alone."""
+    p = loaded
+    gid = p.start("generate", {"model": "m", "prompt": "Once upon a time", "max_tokens": 120, "temperature": 0,
+                               "logprobs": True, "top_logprobs": 3, "stream_options": {"chunk_tokens": 1}})
+    notes, seen = [], 0
+    while seen < 20:  # let it run alone for a while
+        msg = p.recv(60)
+        notes.append(msg)
+        if msg.get("method") == "generate/chunk" and msg["params"]["id"] == gid:
+            seen += 1
+    others = [p.start("generate", {"model": "m", "prompt": f"other {i}", "max_tokens": 60, "temperature": 0,
+                                   "logprobs": True}) for i in range(3)]
+    answers = {}
+    while len(answers) < 4:
+        msg = p.recv(60)
+        if msg.get("id") in [gid] + others:
+            answers[msg["id"]] = msg
+        else:
+            notes.append(msg)
+    check_against(answers[gid]["result"], reference("Once upon a time", 120), 3)
+    check_chunks(answers[gid], chunks_of(notes, gid))
+    for i, id in enumerate(others):
+        check_against(answers[id]["result"], reference(f"other {i}", 60), 0)
