@@ -82,11 +82,11 @@ class InProcess:
         for _ in range(2):
             self.ttft()
 
-    def ttft(self) -> float:
+    def ttft(self, image: str | None = None) -> float:
         from mlx_vlm import stream_generate
 
         t = time.perf_counter()
-        for _ in stream_generate(self.model, self.processor, self.prompt, image=[self.image], max_tokens=1, temperature=0.0):
+        for _ in stream_generate(self.model, self.processor, self.prompt, image=[image or self.image], max_tokens=1, temperature=0.0):
             return (time.perf_counter() - t) * 1000
 
 
@@ -101,10 +101,14 @@ def main() -> int:
     data = picture(image)
     out = {}
 
-    # TTFT: cold prompts (no prompt cache), sidecar vs in-process, interleaved rounds, medians.
-    sources = {"ndjson path": ("ndjson", {"type": "image_url", "image_url": {"url": str(image)}}),
-               "ndjson data URL": ("ndjson", {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(data).decode()}}),
-               "msgpack bytes": ("msgpack", {"type": "image", "data": data})}
+    # TTFT: cold prompts (no prompt cache) and a new picture every round (nothing decoded or
+    # prepared before), sidecar vs in-process, interleaved rounds, medians.
+    def parts_for(path: Path, data: bytes) -> dict:
+        return {"ndjson path": ("ndjson", {"type": "image_url", "image_url": {"url": str(path)}}),
+                "ndjson data URL": ("ndjson", {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(data).decode()}}),
+                "msgpack bytes": ("msgpack", {"type": "image", "data": data})}
+
+    sources = parts_for(image, data)
     pipes = {}
     for name, (framing, part) in sources.items():
         pipes[name] = Pipe(framing, args=["--prompt-cache-bytes", "0"])
@@ -113,9 +117,11 @@ def main() -> int:
             first_chunk_ms(pipes[name], ask(part))
     reference = InProcess(model_dir, str(image))
     times = {name: [] for name in ["in_process", *sources]}
-    for _ in range(args.n):
-        times["in_process"].append(reference.ttft())
-        for name, (_, part) in sources.items():
+    for k in range(args.n):
+        fresh = tmp / f"t{k}.png"
+        fresh_data = picture(fresh, seed=1000 + k)
+        times["in_process"].append(reference.ttft(str(fresh)))
+        for name, (_, part) in parts_for(fresh, fresh_data).items():
             times[name].append(first_chunk_ms(pipes[name], ask(part), name))
     for p in pipes.values():
         p.close()
