@@ -451,3 +451,17 @@ def test_unloading_a_vision_model_ends_its_requests(vision):
             answers[msg["id"]] = msg
     assert result(answers[unload]) == {"id": "v"}
     assert [answers[i]["error"]["code"] for i in ids] == [-32005, -32005]
+
+
+def test_tokenize_counts_image_tokens_like_generate(vision):
+    p = vision()
+    img = url_part(data_url(png(200, 150)))
+    messages = [{"role": "user", "content": [img, {"type": "text", "text": QUESTION}]}]
+    tokens = result(p.request("tokenize", {"model": "v", "messages": messages})[0])
+    generated = result(p.request("generate", {"model": "v", "messages": messages, "max_tokens": 2, "temperature": 0})[0])
+    assert len(tokens["tokens"]) == generated["usage"]["prompt_tokens"]
+    assert tokens["text"].count("<|image_pad|>") == 1
+    text_only = result(p.request("tokenize", {"model": "v", "text": "Hello"})[0])
+    assert len(text_only["tokens"]) < 5
+    answer, _ = p.request("tokenize", {"model": "v", "messages": [{"role": "user", "content": [url_part("/no/such.png")]}]})
+    invalid(answer, "/messages/0/content/0/image_url/url")

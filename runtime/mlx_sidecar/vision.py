@@ -99,6 +99,7 @@ class Inputs:
     extra: dict
     image_keys: tuple = ()
     images: list = field(default_factory=list)   # what the result reports per image
+    text: str | None = None                      # the rendered chat text (messages only)
 
 
 def _messages(params: dict, images) -> list:
@@ -197,7 +198,7 @@ def prepare(loaded, params: dict, images) -> Inputs:
             entry["processed_height"] = int(grid[n, 1].item()) * int(patch)
         reported.append(entry)
     return Inputs(ids=ids, input_ids=input_ids, pixel_values=inputs.get("pixel_values"), mask=inputs.get("attention_mask"),
-                  extra=extra, image_keys=keys, images=reported)
+                  extra=extra, image_keys=keys, images=reported, text=text if "messages" in params else None)
 
 
 # ---- the processor's pixels for images seen before ----
