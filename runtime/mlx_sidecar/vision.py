@@ -342,6 +342,10 @@ class VisionPromptCache:
 
 
 # ---- the runner (engine thread) ----
+class _Cancelled(Exception):
+    """Raised between prefill chunks to abandon a cancelled request mid-prefill."""
+
+
 def _cancelled(why: str = "request cancelled") -> RpcError:
     return RpcError(CANCELLED, why, finish_reason="cancelled")
 
@@ -532,9 +536,17 @@ class VisionRunner:
             cache = make_prompt_cache(model.language_model)
         gen.begin(prefix)
         self._cache, self._fed = cache, []
+
+        def check(done, _cache):
+            # Called between prefill chunks (every PREFILL_STEP tokens): a cancel ends a long prefill there.
+            if gen.req.cancel_requested:
+                raise _Cancelled()
+
         self._tokens = generate_step(input_ids, model, pixel_values, inputs.mask, max_tokens=gen.max_tokens,
                                      sampler=gen.sampler, logits_processors=list(gen.processors), prompt_cache=cache,
-                                     prefill_step_size=PREFILL_STEP, **kwargs)
+                                     prefill_step_size=PREFILL_STEP, prompt_cache_checkpoint=check,
+                                     prompt_cache_checkpoint_lengths=list(range(PREFILL_STEP, input_ids.shape[1], PREFILL_STEP)),
+                                     **kwargs)
         self.solo = gen
 
     def _step(self) -> None:
@@ -545,6 +557,8 @@ class VisionRunner:
         except StopIteration:
             gen.finish("length")
             return self._end()
+        except _Cancelled:
+            return self._end(_cancelled(), keep=False)
         except Exception as e:
             log.exception("vision generation failed")
             heal_random_state()
@@ -553,13 +567,13 @@ class VisionRunner:
         if gen.on_token(int(token), lp):
             self._end()
 
-    def _end(self, error=None) -> None:
+    def _end(self, error=None, keep: bool = True) -> None:
         gen, cache = self.solo, self._cache
         self.solo = self._tokens = self._cache = None
         if error is not None:
             gen.finish_error(error)
         # Keep the KV cache for a later prompt that shares its prefix (not after a failure).
-        if (error is None or error.code == CANCELLED) and cache is not None and self._fed:
+        if keep and (error is None or error.code == CANCELLED) and cache is not None and self._fed:
             try:
                 self.prompt_cache.put(gen.vision.ids + self._fed, gen.vision.image_keys, cache)
             except Exception:
