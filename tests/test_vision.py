@@ -267,6 +267,7 @@ def test_bad_images_are_refused_by_part_and_the_runtime_keeps_serving(vision, tm
         ([url_part("https://example.com/cat.png")], "/messages/0/content/0/image_url/url", "--allow-remote-images"),
         ([url_part("data:image/png;base64,@@@")], "/messages/0/content/0/image_url/url", "base64"),
         ([url_part("file://otherhost/x.png")], "/messages/0/content/0/image_url/url", "local file"),
+        ([url_part("file:red.png")], "/messages/0/content/0/image_url/url", "absolute path"),
         ([good, good, good], "/messages/0/content/2", "limit of 2"),
     ]
     for parts, path, words in cases:

@@ -164,7 +164,10 @@ def part_bytes(part: dict, where: str, options: Options) -> tuple[bytes, str]:
         parsed = urllib.parse.urlparse(url)
         if parsed.netloc not in ("", "localhost"):
             raise _bad(f"{where_url}: file URLs must name a local file (file:///path), not host {parsed.netloc!r}", where_url)
-        return _read_file(Path(urllib.parse.unquote(parsed.path)), where_url), where_url
+        path = Path(urllib.parse.unquote(parsed.path))
+        if not path.is_absolute():
+            raise _bad(f"{where_url}: a file URL needs an absolute path (file:///path)", where_url)
+        return _read_file(path, where_url), where_url
     if url.startswith("/") or (len(url) > 2 and url[1] == ":" and url[2] in "\\/"):
         return _read_file(Path(url), where_url), where_url
     raise _bad(f"{where_url}: not an image source this runtime reads; send a data: URL, an absolute file path, a file:// URL "
