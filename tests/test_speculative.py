@@ -308,3 +308,14 @@ def test_sampling_keeps_the_distribution(spec, tiny_model, kind):
     stat, dof = _chi2(counts, probs, n)
     assert stat < CHI2_999[dof], (stat, dof, counts, probs)
     assert accepted > 0
+
+
+def test_lookup_takes_the_latest_longest_match():
+    from mlx_sidecar.speculative import lookup
+
+    seq = [1, 2, 3, 9, 9, 5, 2, 3, 7, 8, 4, 1, 2, 3]
+    assert lookup(seq, 3, 3) == [9, 9, 5]            # "1 2 3" occurs at the start
+    assert lookup(seq, 3, 2) == [7, 8, 4]            # "2 3": the latest earlier occurrence wins
+    assert lookup(seq + [6], 4, 3) == []             # 6 never occurred before
+    assert lookup([5, 5], 4, 3) == [5]               # a run copies itself
+    assert lookup([4], 4, 3) == []
