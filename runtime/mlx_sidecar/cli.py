@@ -31,6 +31,9 @@ def parse_args(argv=None):
     p.add_argument("--max-images", type=int, default=16, metavar="N", help="images per generate request (default: %(default)s)")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs (off by default: the runtime never reaches the network by surprise)")
+    p.add_argument("--prefill-slice-factor", type=float, default=defaults.PREFILL_SLICE_FACTOR, metavar="F",
+                   help="while other requests decode, each batch step prefills new prompts for about F decode steps, "
+                        "so running streams wait at most ~(1+F)x their token time; 0 prefills in 512-token steps (default: %(default)s)")
     p.add_argument("--version", action="version", version=f"mlx-sidecar {__version__}")
     return p.parse_args(argv)
 
@@ -55,6 +58,7 @@ def main(argv=None) -> int:
     server = Server(args.framing, args.max_frame_bytes, preload=args.model, max_batch=args.max_batch,
                     max_queue=args.max_queue, prompt_cache_bytes=args.prompt_cache_bytes,
                     image_options=image_options(args))
+    server.engine.prefill_factor = max(0.0, args.prefill_slice_factor)
     install_signal_handlers(server)
     code = server.serve(0, out_fd)
     logging.shutdown()

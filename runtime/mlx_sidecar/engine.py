@@ -30,6 +30,7 @@ class Engine:
         self.ready = threading.Event()
         self.max_batch = max_batch
         self.prompt_cache_bytes = prompt_cache_bytes
+        self.prefill_factor = defaults.PREFILL_SLICE_FACTOR  # see pacing.py; --prefill-slice-factor
         self._stalled = stalled         # True while the host is not reading our output
         self._inbox: collections.deque = collections.deque()
         self._cv = threading.Condition()
@@ -181,6 +182,8 @@ class Engine:
             if gen.loaded.kind == "vision":
                 from .vision import VisionRunner as make
             runner = self._runners[gen.model_id] = make(gen.loaded, self.max_batch, self.prompt_cache_bytes)
+            if hasattr(runner, "pacer"):
+                runner.pacer.factor = self.prefill_factor
         runner.add(gen)
 
     def abort_model(self, model_id: str) -> None:

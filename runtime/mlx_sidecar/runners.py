@@ -13,8 +13,10 @@ up for more than one step."""
 
 import collections
 import logging
+import time
 
-from . import logprobs, speculative
+from . import defaults, logprobs, speculative
+from .pacing import PrefillPacer
 from .errors import CANCELLED, GENERATION_FAILED, RpcError
 from .sampling import heal_random_state
 
@@ -37,6 +39,7 @@ class ModelRunner:
 
         self.loaded = loaded
         self.max_batch = max_batch
+        self.pacer = PrefillPacer(defaults.PREFILL_SLICE_FACTOR)  # prompt slices between decode steps
         self.batchable = all(hasattr(c, "merge") for c in make_prompt_cache(loaded.model))
         self.prompt_cache = LRUPromptCache(max_size=64, max_bytes=cache_bytes) if cache_bytes > 0 else None
         self.waiting: collections.deque = collections.deque()
@@ -143,7 +146,10 @@ class ModelRunner:
         try:
             if self._solo_spec:  # several tokens per step: (token, from the draft, logprobs row)
                 return self._take_speculated(gen, next(self._solo_tokens))
+            started = time.perf_counter()
             token, row = next(self._solo_tokens)
+            if gen.tokens:  # a decode step (the first one also prefilled): what a joiner must not starve
+                self.pacer.observe_decode(time.perf_counter() - started)
             lp = logprobs.pick([row], [token], [gen.top_logprobs])[0] if gen.top_logprobs is not None else None
         except StopIteration:
             gen.finish("length")
@@ -226,8 +232,14 @@ class ModelRunner:
             self._insert(gen, rest, cache, gen.prompt_ids[: gen.cached_tokens], gen.max_tokens)
 
     def _step_batch(self) -> None:
+        # Size this step's prompt slice so running streams are not starved (pacing.py).
+        waiting_first = sum(1 for g in self.active.values() if g.first_at is None)
+        decoding = waiting_first < len(self.active)
+        self.generator.prefill_step_size = self.pacer.slice(decoding, waiting_first)
         try:
-            _, responses = self.generator.next()
+            started = time.perf_counter()
+            prompt_responses, responses = self.generator.next()
+            self.pacer.observe(prompt_responses, time.perf_counter() - started, bool(responses))
         except Exception as e:
             log.exception("batched generation failed")
             heal_random_state()

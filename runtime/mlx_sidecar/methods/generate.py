@@ -13,6 +13,7 @@ def generate(ctx, req):
     req.partial = {"finish_reason": "cancelled", "text": "",
                    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
     gen = Generation(req, req.params, ctx.writer)
+    gen.metrics = ctx.inflight.metrics
     gen.tool_plan = plan
 
     def queue():

@@ -37,6 +37,7 @@ class InProcess:
         self.server = Server(a.framing, a.max_frame_bytes, preload=a.model, max_batch=a.max_batch,
                              max_queue=a.max_queue, prompt_cache_bytes=a.prompt_cache_bytes,
                              image_options=image_options(a))
+        self.server.engine.prefill_factor = max(0.0, a.prefill_slice_factor)
         self.stdin = os.fdopen(in_w, "wb", buffering=0)
         self.stdout = os.fdopen(out_r, "rb", buffering=0)
         self.stderr = None

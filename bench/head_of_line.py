@@ -1,0 +1,109 @@
+"""Head-of-line: what a running stream feels while a long prompt joins, for several prefill slice
+factors (--prefill-slice-factor), through the real runtime.
+
+    .venv/bin/python bench/head_of_line.py [--default-model | --preset small] [--prompt-tokens 2500]
+
+For each factor: one stream decodes (chunk per token); after 8 of its tokens a long prompt is sent.
+Reported: the stream's median gap before the join, its worst gap while the long prompt prefills
+(÷ median), the long prompt's time to first token (÷ its time alone, same runtime and factor), and
+both requests' tokens per second."""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "runtime"))
+
+from mlx_sidecar.testing import make_model  # noqa: E402
+from mlx_sidecar.testing.pipe import Pipe  # noqa: E402
+
+STREAM = {"chunk_tokens": 1, "max_latency_ms": 0}
+
+
+def long_prompt(p, model_id, tokens):
+    words = " ".join(f"item {i} says {i * 7 % 97}." for i in range(tokens))
+    ids = p.request("tokenize", {"model": model_id, "text": words})[0]["result"]["tokens"]
+    text = p.request("detokenize", {"model": model_id, "tokens": ids[:tokens]})[0]["result"]["text"]
+    return text
+
+
+def first_chunk_time(p, id):
+    while True:
+        msg = p.recv(600)
+        if msg.get("method") == "generate/chunk" and msg["params"]["id"] == id:
+            return time.monotonic()
+
+
+def one(model, factor, tokens):
+    p = Pipe("ndjson", args=["--prefill-slice-factor", str(factor), "--prompt-cache-bytes", "0"], check_schemas=False)
+    p.request("model/load", {"model": model, "id": "m"}, timeout=600)
+    text = long_prompt(p, "m", tokens)
+    # The long prompt alone (its solo time to first token), then with a running stream.
+    sent = time.monotonic()
+    solo = p.start("generate", {"model": "m", "prompt": text, "max_tokens": 1, "stream_options": STREAM})
+    solo_ttft = first_chunk_time(p, solo) - sent
+    p.wait(solo, 600)
+    run = p.start("generate", {"model": "m", "prompt": "Tell me a story.", "max_tokens": 100000, "stream_options": STREAM})
+    times = []
+    long_id = long_sent = long_first = None
+    while long_first is None:
+        msg = p.recv(600)
+        if msg.get("method") != "generate/chunk":
+            continue
+        if msg["params"]["id"] == run:
+            times.append(time.monotonic())
+            if len(times) == 8 and long_id is None:
+                long_sent = time.monotonic()
+                long_id = p.start("generate", {"model": "m", "prompt": text, "max_tokens": 1, "stream_options": STREAM})
+        elif msg["params"]["id"] == long_id:
+            long_first = time.monotonic()
+    # A few more tokens after the join, then stop.
+    while len(times) < len([t for t in times if t <= long_first]) + 4:
+        msg = p.recv(600)
+        if msg.get("method") == "generate/chunk" and msg["params"]["id"] == run:
+            times.append(time.monotonic())
+    p.notify("$/cancelRequest", {"id": run})
+    p.wait(run, 60)
+    p.wait(long_id, 600)
+    p.close()
+    before = [b - a for a, b in zip(times, times[1:]) if b <= long_sent]
+    during = [b - a for a, b in zip(times, times[1:]) if b > long_sent]
+    median = statistics.median(before)
+    return {"factor": factor, "median_gap_ms": round(median * 1000, 1), "worst_gap_ms": round(max(during) * 1000, 1),
+            "worst_over_median": round(max(during) / median, 1), "long_ttft_s": round(long_first - long_sent, 2),
+            "solo_ttft_s": round(solo_ttft, 2), "ttft_over_solo": round((long_first - long_sent) / solo_ttft, 2),
+            "stream_tokens_during_prefill": sum(1 for t in times if long_sent < t <= long_first)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--default-model", action="store_true")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--prompt-tokens", type=int, default=2500)
+    ap.add_argument("--factors", default="0,0.5,1,2,4")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if args.default_model:
+        from mlx_sidecar import sources
+
+        model = "default"
+        _ = sources
+    else:
+        model = str(make_model(tempfile.mkdtemp(prefix="hol-"), preset=args.preset))
+    rows = [one(model, float(f), args.prompt_tokens) for f in args.factors.split(",")]
+    print("| factor | median gap | worst gap | worst ÷ median | stream tokens during prefill | long TTFT | alone | ÷ alone |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['factor']:g} | {r['median_gap_ms']} ms | {r['worst_gap_ms']} ms | {r['worst_over_median']} | "
+              f"{r['stream_tokens_during_prefill']} | {r['long_ttft_s']} s | {r['solo_ttft_s']} s | {r['ttft_over_solo']} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

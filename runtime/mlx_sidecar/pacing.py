@@ -1,0 +1,58 @@
+"""How much prompt a batch step may prefill while other requests are decoding.
+
+mlx-lm's BatchGenerator interleaves already: each `next()` decodes one token for every running
+request, then prefills one slice of the waiting prompts. The slice decides what running streams
+feel: 512 tokens on a CPU is seconds of silence. The pacer sizes each step's slice from measured
+rates so that prefilling takes about `factor` times the decode step: the running streams' worst gap
+stays near (1 + factor) times their token time, and a long prompt still moves at full speed
+whenever nobody is waiting for a token."""
+
+MIN_SLICE = 16     # tokens: below this the per-step overhead dominates
+MAX_SLICE = 512    # tokens: a step when nobody is decoding (cancellation is seen between steps)
+ALPHA = 0.3        # weight of the newest measurement in the running averages
+
+
+class PrefillPacer:
+    def __init__(self, factor: float):
+        self.factor = factor             # 0: no pacing, always MAX_SLICE
+        self.decode_s = None             # a decode-only step, seconds (running average)
+        self.prefill_tps = None          # prompt tokens per second while prefilling (running average)
+        self._progress: dict = {}        # uid → prompt tokens done, from the generator's responses
+
+    def slice(self, decoding: bool, prompting: int) -> int:
+        """Prompt tokens per waiting prompt for the next step."""
+        if not decoding or self.factor <= 0 or prompting <= 0:
+            return MAX_SLICE
+        if self.decode_s is None or self.prefill_tps is None:
+            return MIN_SLICE * 4  # until measured: small enough for any model on any machine
+        total = self.prefill_tps * self.decode_s * self.factor
+        return int(max(MIN_SLICE, min(MAX_SLICE, total / prompting)))
+
+    def observe(self, prompt_responses, seconds: float, decoded: bool) -> None:
+        """Learn from one `next()`: its duration, whether it decoded, how many prompt tokens it took."""
+        tokens = 0
+        for r in prompt_responses:
+            done = r.progress[0]
+            tokens += max(0, done - self._progress.get(r.uid, 0))
+            if r.end_of_segment and done >= r.progress[1]:
+                self._progress.pop(r.uid, None)
+            else:
+                self._progress[r.uid] = done
+        if tokens == 0:
+            if decoded:
+                self.decode_s = _average(self.decode_s, seconds)
+            return
+        prefill_s = seconds - (self.decode_s or 0.0) if decoded else seconds
+        if prefill_s > 0:
+            self.prefill_tps = _average(self.prefill_tps, tokens / prefill_s)
+
+    def observe_decode(self, seconds: float) -> None:
+        """A decode step measured elsewhere (a request running alone)."""
+        self.decode_s = _average(self.decode_s, seconds)
+
+    def forget(self, uid) -> None:
+        self._progress.pop(uid, None)
+
+
+def _average(old, new):
+    return new if old is None else old + ALPHA * (new - old)

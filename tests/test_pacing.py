@@ -1,0 +1,52 @@
+"""Head-of-line: while a long prompt joins, running streams keep getting tokens (pacing.py). Counted
+in tokens and ordering, never wall-clock: how many tokens a running stream gets between the long
+prompt's arrival and the long prompt's first token."""
+
+import pytest
+
+LONG = " ".join(f"w{i % 50}" for i in range(300))  # ~850 of the tiny model's 1,024 context
+
+
+def tokens_while_long_prompt_prefills(p):
+    run = p.start("generate", {"model": "m", "prompt": "Hi", "max_tokens": 100000, "stream_options": {"chunk_tokens": 1, "max_latency_ms": 0}})
+    while p.recv().get("method") != "generate/chunk":
+        pass
+    long = p.start("generate", {"model": "m", "prompt": LONG, "max_tokens": 2, "stream_options": {"chunk_tokens": 1, "max_latency_ms": 0}})
+    got = 0
+    while True:
+        msg = p.recv()
+        if msg.get("method") != "generate/chunk":
+            continue
+        if msg["params"]["id"] == long:
+            break
+        got += len(msg["params"]["token_ids"])
+    p.notify("$/cancelRequest", {"id": run})
+    p.wait(long)
+    p.wait(run)
+    return got
+
+
+def load(serve, tiny_model, *args):
+    p = serve(args=list(args))
+    answer, _ = p.request("model/load", {"model": tiny_model, "id": "m"})
+    assert "result" in answer
+    return p
+
+
+def test_running_stream_keeps_flowing_while_a_long_prompt_prefills(serve, tiny_model):
+    # Factor 0.5: each step prefills for about half a decode step (the default, 2, is benchmarked).
+    p = load(serve, tiny_model, "--prefill-slice-factor", "0.5")
+    n = p.request("tokenize", {"model": "m", "text": LONG})[0]["result"]["tokens"]
+    assert len(n) > 600
+    # Paced: the prompt is prefilled in many small slices, a decode step between each.
+    got = tokens_while_long_prompt_prefills(p)
+    assert got >= 12, got
+
+
+def test_without_pacing_the_prompt_goes_in_big_steps(serve, tiny_model):
+    # The same with pacing off (--prefill-slice-factor 0): 512-token steps, so the running stream
+    # gets only a few tokens before the long prompt's first token. This is what the test above
+    # guards against.
+    p = load(serve, tiny_model, "--prefill-slice-factor", "0")
+    got = tokens_while_long_prompt_prefills(p)
+    assert got <= 7, got  # a few more may come before the engine picks the request up
