@@ -122,6 +122,13 @@ def test_load_reports_the_draft_and_refuses_incompatible_ones(serve, tiny_model,
     ids = [m["id"] for m in p.request("model/list", {})[0]["result"]["models"]]
     assert ids == ["t"]
 
+    # The same id again: the same draft answers at once; another draft, or none, is refused.
+    again, _ = p.request("model/load", {"model": tiny_model, "id": "t", "draft_model": draft_dirs["other"]})
+    assert again["result"]["draft"]["model"] == draft_dirs["other"]
+    answer, _ = p.request("model/load", {"model": tiny_model, "id": "t"})
+    assert answer["error"]["code"] == -32602 and answer["error"]["data"]["path"] == "/id" and "with draft_model" in answer["error"]["message"]
+    answer, _ = p.request("model/load", {"model": tiny_model, "id": "t", "draft_model": tiny_model})
+    assert answer["error"]["code"] == -32602 and answer["error"]["data"]["path"] == "/draft_model"
     answer, _ = p.request("model/load", {"model": tiny_model, "id": "y", "num_draft_tokens": 3})
     assert answer["error"]["code"] == -32602 and answer["error"]["data"]["path"] == "/num_draft_tokens"
     answer, _ = p.request("model/load", {"model": tiny_model, "id": "y", "draft_model": "/nonexistent/draft"})

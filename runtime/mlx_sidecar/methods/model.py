@@ -10,12 +10,17 @@ from . import PENDING
 log = logging.getLogger(__name__)
 
 
-def _already(ctx, model_id: str, source: str):
+def _already(ctx, model_id: str, source: str, params=None):
     loaded = ctx.engine.models.get(model_id)
     if loaded is None:
         return None
     if loaded.source != source:
         raise RpcError(INVALID_PARAMS, f"id {model_id!r} is already used by the model loaded from {loaded.source!r}; unload it first or pick another id", path="/id")
+    draft = (loaded.info.get("draft") or {}).get("model")
+    if params is not None and params.get("draft_model") != draft:
+        have = f"with draft_model {draft!r}" if draft else "without a draft_model"
+        raise RpcError(INVALID_PARAMS, f"id {model_id!r} is already loaded {have}; unload it first or pick another id",
+                       path="/draft_model" if "draft_model" in params else "/id")
     return loaded.info
 
 
@@ -24,7 +29,7 @@ def load(ctx, req):
     model_id = req.params.get("id", source)
     if "num_draft_tokens" in req.params and "draft_model" not in req.params:
         raise RpcError(INVALID_PARAMS, "num_draft_tokens needs draft_model", path="/num_draft_tokens")
-    info = _already(ctx, model_id, source)
+    info = _already(ctx, model_id, source, req.params)
     if info is not None:
         return info
     queue_load(ctx, req, source, model_id)
@@ -40,7 +45,7 @@ def queue_load(ctx, req, source, model_id) -> None:
 
 
 def _load(ctx, engine, req, source, model_id):
-    info = _already(ctx, model_id, source)  # an identical load queued earlier may have done it
+    info = _already(ctx, model_id, source, getattr(req, "params", None))  # an identical load queued earlier may have done it
     if info is not None:
         return info
     progress = ctx.progress_reporter(req, f"Loading {source}")
