@@ -2,9 +2,9 @@
 
 mlx-lm's BatchGenerator interleaves already: each `next()` decodes one token for every running
 request, then prefills one slice of the waiting prompts. The slice decides what running streams
-feel: 512 tokens on a CPU is seconds of silence. The pacer sizes each step's slice from measured
-rates so that prefilling takes about `factor` times the decode step: the running streams' worst gap
-stays near (1 + factor) times their token time, and a long prompt still moves at full speed
+feel: 512 tokens on a CPU is seconds of silence. The pacer steers each step's slice from measured
+step times so that prefilling takes about `factor` times the decode step: the running streams'
+gap stays near (1 + factor) times their token time, and a long prompt still moves at full speed
 whenever nobody is waiting for a token."""
 
 MIN_SLICE = 16     # tokens: below this the per-step overhead dominates
@@ -16,20 +16,19 @@ class PrefillPacer:
     def __init__(self, factor: float):
         self.factor = factor             # 0: no pacing, always MAX_SLICE
         self.decode_s = None             # a decode-only step, seconds (running average)
-        self.prefill_tps = None          # prompt tokens per second while prefilling (running average)
+        self.step_tokens = MIN_SLICE * 4  # prompt tokens per paced step, all prompts together
         self._progress: dict = {}        # uid → prompt tokens done, from the generator's responses
 
     def slice(self, decoding: bool, prompting: int) -> int:
         """Prompt tokens per waiting prompt for the next step."""
         if not decoding or self.factor <= 0 or prompting <= 0:
             return MAX_SLICE
-        if self.decode_s is None or self.prefill_tps is None:
-            return MIN_SLICE * 4  # until measured: small enough for any model on any machine
-        total = self.prefill_tps * self.decode_s * self.factor
-        return int(max(MIN_SLICE, min(MAX_SLICE, total / prompting)))
+        return int(max(MIN_SLICE, min(MAX_SLICE, self.step_tokens / prompting)))
 
     def observe(self, prompt_responses, seconds: float, decoded: bool) -> None:
-        """Learn from one `next()`: its duration, whether it decoded, how many prompt tokens it took."""
+        """Learn from one `next()`: its duration, whether it decoded, how many prompt tokens it took.
+        The paced slice is steered by what a step really cost (per-step overheads included): it
+        grows or shrinks, at most 2x a step, until prefilling takes `factor` decode steps."""
         tokens = 0
         for r in prompt_responses:
             done = r.progress[0]
@@ -42,9 +41,11 @@ class PrefillPacer:
             if decoded:
                 self.decode_s = _average(self.decode_s, seconds)
             return
-        prefill_s = seconds - (self.decode_s or 0.0) if decoded else seconds
-        if prefill_s > 0:
-            self.prefill_tps = _average(self.prefill_tps, tokens / prefill_s)
+        if not decoded or self.decode_s is None or self.factor <= 0:
+            return
+        prefill_s = max(seconds - self.decode_s, 1e-4)
+        ratio = min(2.0, max(0.5, self.factor * self.decode_s / prefill_s))
+        self.step_tokens = max(MIN_SLICE, min(MAX_SLICE * 8, self.step_tokens * ratio))
 
     def observe_decode(self, seconds: float) -> None:
         """A decode step measured elsewhere (a request running alone)."""
