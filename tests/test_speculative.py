@@ -326,3 +326,28 @@ def test_lookup_takes_the_latest_longest_match():
     assert lookup(seq + [6], 4, 3) == []             # 6 never occurred before
     assert lookup([5, 5], 4, 3) == [5]               # a run copies itself
     assert lookup([4], 4, 3) == []
+
+
+def test_a_paying_speculation_runs_beside_the_batch(spec):
+    # The tiny model's own greedy text loops, so prompt lookup keeps most proposals: speculating
+    # alone between batch steps can pay, and then both decode, one step each. Either way (alone
+    # or moved into the batch) every output is the plain greedy one and nobody waits for the end.
+    prompt = REPEATING + run(spec, greedy(max_tokens=60))[0]["text"]
+    first = greedy(prompt, max_tokens=500, speculative={"type": "prompt_lookup"}, stream=True)
+    plain_first, _ = run(spec, {**first, "speculative": {"type": "none"}, "stream": False})
+    others = [greedy(p, max_tokens=40) for p in PROMPTS]
+    plain_others = [run(spec, o)[0]["text"] for o in others]
+    a = spec.start("generate", first)
+    while True:
+        msg = spec.recv(60)
+        if msg.get("method") == "generate/chunk" and msg["params"]["id"] == a:
+            break
+    ids = [spec.start("generate", o) for o in others]
+    done = {}
+    while len(done) < len(ids) + 1:
+        msg = spec.recv(120)
+        if msg.get("id") in ids + [a]:
+            done[msg["id"]] = msg["result"]
+    assert list(done)[-1] == a, "the short requests finish before the long one"
+    assert [done[i]["text"] for i in ids] == plain_others
+    assert done[a]["text"] == plain_first["text"]

@@ -7,9 +7,10 @@ cancelled ones leave at once, each keeps its own sampler and processors. Models 
 cannot be merged run one request at a time. Earlier prompts' KV caches are reused through
 mlx-lm's LRUPromptCache.
 
-A speculative request (speculative.py) speculates only while alone; when another arrives it moves
-into the batch like any lone request and decodes there without drafts, so it never holds others
-up for more than one step."""
+A speculative request (speculative.py) speculates while it runs alone. When others arrive it keeps
+speculating beside their batch (one step each per engine step) while that gives more tokens per
+second overall, measured as it runs; else it moves into the batch and decodes there without
+drafts. Either way no stream waits more than one step for it."""
 
 import collections
 import logging
@@ -49,6 +50,7 @@ class ModelRunner:
         self._solo_tokens = None      # its generate_step iterator
         self._solo_cache = None       # and its KV cache
         self._solo_spec = False       # True: _solo_tokens is speculative.generate (lists of tokens per step)
+        self._batch_s = None          # recent seconds per batch step (moving average)
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.active) + (self.solo is not None)
@@ -61,15 +63,28 @@ class ModelRunner:
         self._sweep_cancelled()
         if self.waiting:
             if self.batchable and (self.solo is not None or self.active or len(self.waiting) > 1):
-                if self.solo is not None:
+                if self.solo is not None and not self._keep_speculating():
                     self._move_solo_into_batch()
                 self._fill_batch()
             elif self.solo is None and not self.active:
                 self._start_solo(self.waiting.popleft())
+        elif self.solo is not None and self.active and not self._keep_speculating():
+            self._move_solo_into_batch()
         if self.solo is not None:
             self._step_solo()
         if self.active:
+            started = time.perf_counter()
             self._step_batch()
+            took = time.perf_counter() - started
+            self._batch_s = took if self._batch_s is None else 0.7 * self._batch_s + 0.3 * took
+
+    def _keep_speculating(self) -> bool:
+        """A speculating request stays alone beside the batch (one step each per engine step) while
+        that gives more tokens per second overall than joining it; once it joins it stays there."""
+        if not self._solo_spec or not self.batchable:
+            return False
+        others = len(self.active) + min(len(self.waiting), self.max_batch - len(self.active))
+        return speculative.worth_staying(self.solo.speculative, others, self._batch_s)
 
     def abort(self, error_factory) -> None:
         """End every request of this runner with an error (engine stopping, model unloaded)."""

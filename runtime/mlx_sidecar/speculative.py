@@ -14,6 +14,7 @@ Logits processors (penalties, structured output) see each row's history includin
 accepted proposals; rows are checked in order and the first mismatch ends the step, so a stateful
 processor never consumes a rejected proposal and needs no rollback."""
 
+import time
 from dataclasses import dataclass
 
 from .errors import INVALID_PARAMS, RpcError
@@ -33,6 +34,8 @@ class Plan:
     draft: object = None       # the draft's LoadedModel, for kind "draft"
     drafted: int = 0           # proposed tokens the model checked
     accepted: int = 0          # of those, the ones it kept and the request took (Generation.on_token)
+    per_step: float | None = None   # recent tokens per step (moving average)
+    step_s: float | None = None     # recent seconds per step (moving average)
 
     def usage(self) -> dict:
         return {"draft_tokens": self.drafted, "accepted_draft_tokens": self.accepted}
@@ -57,6 +60,19 @@ def plan(loaded, params: dict) -> Plan | None:
                            path="/speculative/type")
         return Plan("draft", spec.get("num_draft_tokens", loaded.info["draft"]["num_draft_tokens"]), draft=draft)
     return Plan("prompt_lookup", spec.get("num_draft_tokens", DEFAULT_LOOKUP_TOKENS), spec.get("max_ngram", DEFAULT_MAX_NGRAM))
+
+
+def _average(old: float | None, new: float) -> float:
+    return new if old is None else 0.7 * old + 0.3 * new
+
+
+def worth_staying(plan_: Plan, others: int, batch_s: float | None) -> bool:
+    """While `others` requests decode in a batch whose step takes batch_s, does this request give
+    more tokens per second overall by speculating alone between batch steps than by joining the
+    batch (one token per batch step, at little extra cost)? Unmeasured: stay, and look again."""
+    if batch_s is None or plan_.step_s is None or plan_.per_step is None:
+        return True
+    return (others + plan_.per_step) / (plan_.step_s + batch_s) > (others + 1) / batch_s
 
 
 def usable(cache) -> bool:
@@ -147,8 +163,10 @@ def generate(rest: list[int], gen, cache, check):
         check(done, total)
         mx.clear_cache()
     pending = rest[done:]
+    pending_is_decode = False
 
     while True:
+        started = time.perf_counter()
         room = gen.max_tokens - gen.completion - 1   # proposals past max_tokens would be wasted
         k = max(0, min(plan_.num_draft_tokens, room))
         before = len(seq)
@@ -178,6 +196,10 @@ def generate(rest: list[int], gen, cache, check):
         if drafter is not None and drafts:
             drafter.settle(before, len(drafts), accepted)
         plan_.drafted += len(drafts)
+        plan_.per_step = _average(plan_.per_step, len(out))
+        if pending_is_decode:
+            plan_.step_s = _average(plan_.step_s, time.perf_counter() - started)
+        pending_is_decode = True   # the first step also prefilled the last prompt token (and the draft's prompt)
         tokens = [t for t, _, _ in out]
         history.extend(tokens)
         seq.extend(tokens)

@@ -478,7 +478,7 @@ export type GenerateParams = {
   /** With logprobs: also the N most likely tokens at each position (0-20, default 0). */
   top_logprobs?: number;
   response_format?: ResponseFormat;
-  /** Default: the model's draft when it was loaded with one, else none. Speculation runs while the request is alone; when others join it decodes in their batch without it. */
+  /** Default: the model's draft when it was loaded with one, else none. Speculation starts when the request runs alone; when others join it keeps speculating beside their batch while that pays (measured per step), else decodes in the batch without it. */
   speculative?: Speculative;
   /** Functions the model may call; needs messages. */
   tools?: Tool[];
