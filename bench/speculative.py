@@ -2,7 +2,7 @@
 ÷ plain decoding, on an edit task whose answer repeats a passage of the prompt.
 
     .venv/bin/python bench/speculative.py [--model default] [--reps 3] [--tokens 200] [--draft-layers 6 ...]
-        [--lookup 4 8] [--task edit|free] [--json out.json]
+        [--lookup 4 8] [--task edit|free] [--others N] [--json out.json]
 
 Greedy, so every mode gives the same text (checked). Runs alternate mode by mode. The draft model
 is a layer-truncated copy of the model (its first N layers, float32, same tokenizer), written to a
@@ -66,13 +66,29 @@ def truncated_copy(model_dir: Path, layers: int, out: Path) -> Path:
     return out
 
 
-def run_mode(p: Pipe, model_id: str, spec, tokens: int, messages=MESSAGES) -> dict:
+def run_mode(p: Pipe, model_id: str, spec, tokens: int, messages=MESSAGES, others: int = 0) -> dict:
     q = {"model": model_id, "messages": messages, "max_tokens": tokens, "temperature": 0}
     if spec is not None:
         q["speculative"] = spec
-    answer, _ = p.request("generate", q, timeout=1200)
-    r = answer["result"]
-    return {"text": r["text"], "tps": r["timings"]["generation_tps"],
+    if not others:
+        answer, _ = p.request("generate", q, timeout=1200)
+        r = answer["result"]
+        other_tps = None
+    else:
+        # Others arrive once the measured request streams: plain stories, as long as it.
+        rid = p.start("generate", q)
+        while not (lambda m: m.get("method") == "generate/chunk" and m["params"]["id"] == rid)(p.recv(1200)):
+            pass
+        ids = [p.start("generate", {"model": model_id, "messages": FREE, "max_tokens": tokens, "temperature": 0,
+                                    "speculative": {"type": "none"}}) for _ in range(others)]
+        done = {}
+        while len(done) < others + 1:
+            m = p.recv(1200)
+            if m.get("id") in ids + [rid]:
+                done[m["id"]] = m["result"]
+        r = done[rid]
+        other_tps = sum(done[i]["usage"]["completion_tokens"] / (done[i]["timings"]["total_ms"] / 1000) for i in ids)
+    return {"text": r["text"], "tps": r["timings"]["generation_tps"], "others_tps": other_tps,
             "e2e": r["usage"]["completion_tokens"] / (r["timings"]["total_ms"] / 1000), "usage": r["usage"]}
 
 
@@ -85,6 +101,7 @@ def main() -> None:
     ap.add_argument("--lookup", type=int, nargs="*", default=[8], help="num_draft_tokens values for prompt lookup")
     ap.add_argument("--draft-tokens", type=int, default=3)
     ap.add_argument("--task", choices=["edit", "free"], default="edit", help="edit: the answer repeats the prompt; free: a story")
+    ap.add_argument("--others", type=int, default=0, help="plain requests that join each measured one once it streams")
     ap.add_argument("--json")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-spec-"))
@@ -105,7 +122,7 @@ def main() -> None:
         runs = {name: [] for name in modes}
         for _ in range(args.reps):
             for name, (model_id, spec) in modes.items():
-                runs[name].append(run_mode(p, model_id, spec, args.tokens, MESSAGES if args.task == "edit" else FREE))
+                runs[name].append(run_mode(p, model_id, spec, args.tokens, MESSAGES if args.task == "edit" else FREE, args.others))
         plain = runs["plain"]
         base_tps = statistics.median(r["tps"] for r in plain)
         base_e2e = statistics.median(r["e2e"] for r in plain)
@@ -123,9 +140,12 @@ def main() -> None:
                    "e2e_ratio": round(e2e / base_e2e, 3), "same_text": same,
                    "tps_runs": [round(r["tps"], 2) for r in rs],
                    "draft_tokens": u.get("draft_tokens"), "accepted_draft_tokens": u.get("accepted_draft_tokens")}
+            if args.others:
+                row["others_tps"] = round(statistics.median(r["others_tps"] for r in rs), 2)
             report["modes"][name] = row
             print(f"{name}: {row['tps']} tok/s (x{row['ratio']}; paired x{row['paired_ratio']} {row['paired_runs']}), end-to-end x{row['e2e_ratio']}, "
-                  f"accepted {row['accepted_draft_tokens']}/{row['draft_tokens']}, same text {same}, runs {row['tps_runs']}", flush=True)
+                  f"accepted {row['accepted_draft_tokens']}/{row['draft_tokens']}, same text {same}, runs {row['tps_runs']}"
+                  + (f", the {args.others} others: {row['others_tps']} tok/s end-to-end in all" if args.others else ""), flush=True)
         report["text"] = plain[0]["text"]
         print(json.dumps(report, indent=2))
         if args.json:

@@ -51,6 +51,7 @@ class ModelRunner:
         self._solo_cache = None       # and its KV cache
         self._solo_spec = False       # True: _solo_tokens is speculative.generate (lists of tokens per step)
         self._batch_s = None          # recent seconds per batch step (moving average)
+        self._batch_steps = 0
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.active) + (self.solo is not None)
@@ -77,6 +78,9 @@ class ModelRunner:
             self._step_batch()
             took = time.perf_counter() - started
             self._batch_s = took if self._batch_s is None else 0.7 * self._batch_s + 0.3 * took
+            self._batch_steps += 1
+            if not self.active:  # the batch is gone: its figures with it
+                self._batch_s, self._batch_steps = None, 0
 
     def _keep_speculating(self) -> bool:
         """A speculating request stays alone beside the batch (one step each per engine step) while
@@ -84,7 +88,7 @@ class ModelRunner:
         if not self._solo_spec or not self.batchable:
             return False
         others = len(self.active) + min(len(self.waiting), self.max_batch - len(self.active))
-        return speculative.worth_staying(self.solo.speculative, others, self._batch_s)
+        return speculative.worth_staying(self.solo.speculative, others, self._batch_s, self._batch_steps)
 
     def abort(self, error_factory) -> None:
         """End every request of this runner with an error (engine stopping, model unloaded)."""

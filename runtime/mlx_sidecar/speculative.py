@@ -36,6 +36,7 @@ class Plan:
     accepted: int = 0          # of those, the ones it kept and the request took (Generation.on_token)
     per_step: float | None = None   # recent tokens per step (moving average)
     step_s: float | None = None     # recent seconds per step (moving average)
+    steps: int = 0                  # decode steps so far
 
     def usage(self) -> dict:
         return {"draft_tokens": self.drafted, "accepted_draft_tokens": self.accepted}
@@ -66,11 +67,16 @@ def _average(old: float | None, new: float) -> float:
     return new if old is None else 0.7 * old + 0.3 * new
 
 
-def worth_staying(plan_: Plan, others: int, batch_s: float | None) -> bool:
+MEASURED_STEPS = 4   # steps of each kind seen before the (one-way) decision to join the batch
+
+
+def worth_staying(plan_: Plan, others: int, batch_s: float | None, batch_steps: int) -> bool:
     """While `others` requests decode in a batch whose step takes batch_s, does this request give
     more tokens per second overall by speculating alone between batch steps than by joining the
-    batch (one token per batch step, at little extra cost)? Unmeasured: stay, and look again."""
+    batch (one token per batch step, at little extra cost)? Until both are measured: stay."""
     if batch_s is None or plan_.step_s is None or plan_.per_step is None:
+        return True
+    if plan_.steps < MEASURED_STEPS or batch_steps < MEASURED_STEPS:
         return True
     return (others + plan_.per_step) / (plan_.step_s + batch_s) > (others + 1) / batch_s
 
@@ -199,6 +205,7 @@ def generate(rest: list[int], gen, cache, check):
         plan_.per_step = _average(plan_.per_step, len(out))
         if pending_is_decode:
             plan_.step_s = _average(plan_.step_s, time.perf_counter() - started)
+        plan_.steps += pending_is_decode
         pending_is_decode = True   # the first step also prefilled the last prompt token (and the draft's prompt)
         tokens = [t for t, _, _ in out]
         history.extend(tokens)
