@@ -21,7 +21,7 @@ class ChunkBuffer:
     """Tokens and text of one streaming request, filled by the engine and drained by the writer."""
 
     __slots__ = ("request_id", "chunk_tokens", "max_latency", "lock", "token_ids", "text",
-                 "since", "index", "flush_asked", "timer_set", "closed", "logprobs", "extra")
+                 "since", "index", "flush_asked", "timer_set", "closed", "logprobs", "extra", "ready")
 
     def __init__(self, request_id, chunk_tokens: int, max_latency: float, with_logprobs: bool = False):
         self.request_id = request_id
@@ -37,26 +37,40 @@ class ChunkBuffer:
         self.closed = False
         self.logprobs = [] if with_logprobs else None   # one item per token id, when asked for
         self.extra: dict = {}  # other chunk fields (a tool_calls delta), merged into the next chunk
+        self.ready: list = []  # chunks sealed by the engine (first token, N tokens), not yet sent
 
-    def take(self):
-        """The pending chunk's params, or None when nothing is buffered. Caller holds no lock."""
+    def seal(self) -> None:
+        """Close the pending tokens into a chunk of their own (caller holds the lock), so a chunk
+        has exactly the tokens it was asked for even when the writer runs late."""
+        if not self.token_ids and not self.text and not self.extra:
+            return
+        params = {"id": self.request_id, "index": self.index,
+                  "text": "".join(self.text), "token_ids": self.token_ids}
+        if self.logprobs is not None:
+            params["logprobs"] = self.logprobs
+            self.logprobs = []
+        if self.extra:
+            params.update(self.extra)
+            self.extra = {}
+        self.index += 1
+        self.token_ids = []
+        self.text = []
+        self.ready.append(params)
+
+    def take(self, everything: bool = True):
+        """(chunks due now, in order; a deadline for what stays pending or None). Sealed chunks always
+        go; pending tokens too when `everything` (a deadline passed, the request ended). Caller holds no lock."""
         with self.lock:
             self.flush_asked = False
-            self.timer_set = False
-            if not self.token_ids and not self.text and not self.extra:
-                return None
-            params = {"id": self.request_id, "index": self.index,
-                      "text": "".join(self.text), "token_ids": self.token_ids}
-            if self.logprobs is not None:
-                params["logprobs"] = self.logprobs
-                self.logprobs = []
-            if self.extra:
-                params.update(self.extra)
-                self.extra = {}
-            self.index += 1
-            self.token_ids = []
-            self.text = []
-            return params
+            if everything:
+                self.timer_set = False
+                self.seal()
+            ready, self.ready = self.ready, []
+            deadline = None
+            if not everything and self.token_ids and not self.timer_set:
+                self.timer_set = True  # tokens that came while the flush was on its way
+                deadline = self.since + self.max_latency
+            return ready, deadline
 
 
 class Writer:
@@ -96,7 +110,10 @@ class Writer:
                 for key, value in extra.items():
                     buf.extra[key] = buf.extra[key] + value if key in buf.extra else value  # deltas and counts accumulate
             n = len(buf.token_ids)
-            ask_flush = (flush or n >= buf.chunk_tokens or buf.max_latency <= 0) and not buf.flush_asked
+            due = flush or n >= buf.chunk_tokens or buf.max_latency <= 0
+            if due:
+                buf.seal()
+            ask_flush = due and not buf.flush_asked
             if ask_flush:
                 buf.flush_asked = True
             set_timer = not ask_flush and not buf.flush_asked and not buf.timer_set
@@ -153,11 +170,20 @@ class Writer:
                     pass
             return None
 
-    def _chunk(self, buf: ChunkBuffer) -> bytes | None:
-        params = buf.take()
-        if params is None:
-            return None
-        return self._encode_safely({"jsonrpc": "2.0", "method": "generate/chunk", "params": params})
+    def _chunk(self, buf: ChunkBuffer, everything: bool = True) -> bytes | None:
+        ready, deadline = buf.take(everything)
+        if deadline is not None:
+            self._add_timer(deadline, buf)
+        frames = [self._encode_safely({"jsonrpc": "2.0", "method": "generate/chunk", "params": params})
+                  for params in ready]
+        frames = [f for f in frames if f is not None]
+        return b"".join(frames) if frames else None
+
+    def _add_timer(self, deadline: float, buf: ChunkBuffer) -> None:
+        if not deadline <= _monotonic() + MAX_WAIT:  # NaN or absurd: send at once
+            deadline = _monotonic()
+        self._seq += 1
+        heapq.heappush(self._timers, (deadline, self._seq, buf))
 
     def _loop(self):
         timers = self._timers
@@ -177,13 +203,9 @@ class Writer:
                 if kind == "msg":
                     out.append(self._encode_safely(item[1]))
                 elif kind == "flush":
-                    out.append(self._chunk(item[1]))
+                    out.append(self._chunk(item[1], everything=False))
                 elif kind == "timer":
-                    deadline = item[2]
-                    if not deadline <= _monotonic() + MAX_WAIT:  # NaN or absurd: send at once
-                        deadline = _monotonic()
-                    self._seq += 1
-                    heapq.heappush(timers, (deadline, self._seq, item[1]))
+                    self._add_timer(item[2], item[1])
                 elif kind == "finish":
                     buf = item[1]
                     if buf is not None:
