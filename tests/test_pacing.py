@@ -9,8 +9,11 @@ LONG = " ".join(f"w{i % 50}" for i in range(300))  # ~850 of the tiny model's 1,
 
 def tokens_while_long_prompt_prefills(p):
     run = p.start("generate", {"model": "m", "prompt": "Hi", "max_tokens": 100000, "stream_options": {"chunk_tokens": 1, "max_latency_ms": 0}})
-    while p.recv().get("method") != "generate/chunk":
-        pass
+    seen = 0
+    while seen < 10:  # a few decode steps alone first: the pacer measures them
+        msg = p.recv()
+        if msg.get("method") == "generate/chunk":
+            seen += len(msg["params"]["token_ids"])
     long = p.start("generate", {"model": "m", "prompt": LONG, "max_tokens": 2, "stream_options": {"chunk_tokens": 1, "max_latency_ms": 0}})
     got = 0
     while True:
