@@ -42,15 +42,16 @@ _CORPUS = [
 ]
 
 
-def _tokenizer(vocab_size: int = 420):
+def _tokenizer(vocab_size: int = 420, specials=SPECIALS, corpus=_CORPUS):
+    """A byte-level BPE tokenizer trained in milliseconds on a small corpus."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tok.train_from_iterator(list(corpus) * 4, trainer=trainer)
     return tok
 
 

@@ -35,15 +35,9 @@ MIN_PIXELS = 56 * 56
 
 
 def _tokenizer(vocab_size: int = 400):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from .models import _tokenizer as train
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    return tok
+    return train(vocab_size, SPECIALS, _CORPUS)
 
 
 def make_vision_model(directory, seed: int = 0, reachable_eos: bool = False) -> Path:
