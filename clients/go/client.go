@@ -35,6 +35,11 @@ type Options struct {
 	// of the client's, never concurrently; they may call the client. Close waits for them.
 	OnProgress func(Progress)
 	OnStderr   func(line string)
+	// OnMetrics receives a $/metrics notification (the runtime/metrics snapshot) every
+	// MetricsInterval, from the same goroutine as OnProgress. Both must be set to get any;
+	// MetricsInterval is rounded down to milliseconds and must be at least 50 ms.
+	OnMetrics       func(Metrics)
+	MetricsInterval time.Duration
 	// OnMessage, for tests and debugging, receives a copy of every message read from the
 	// runtime (as JSON, whatever the framing) before the client routes it. It is called on the
 	// reading goroutine: it must return quickly and must not call the client.
@@ -79,6 +84,9 @@ func (o Options) withDefaults() (Options, error) {
 	}
 	if o.ClientInfo == nil {
 		o.ClientInfo = &ClientInfo{Name: "mlx-sidecar-go", Version: Version}
+	}
+	if o.OnMetrics != nil && o.MetricsInterval != 0 && o.MetricsInterval < 50*time.Millisecond {
+		return o, fmt.Errorf("sidecar: MetricsInterval %v is below the runtime's 50 ms minimum", o.MetricsInterval)
 	}
 	if o.Restart != nil {
 		o.Restart = o.Restart.withDefaults()

@@ -2,8 +2,8 @@ package sidecar
 
 // conn is the JSON-RPC side of one runtime process: it numbers requests, writes frames through
 // one writer goroutine, and routes what the reader goroutine reads: responses to their pending
-// calls, generate/chunk to their streams, $/progress to Options.OnProgress. process.go starts
-// and ends the process around it.
+// calls, generate/chunk to their streams, $/progress to Options.OnProgress, $/metrics to
+// Options.OnMetrics. process.go starts and ends the process around it.
 
 import (
 	"bytes"
@@ -379,6 +379,15 @@ func (c *conn) notification(method string, params json.RawMessage) {
 				return
 			}
 			c.cl.events.push(func() { f(p) })
+		}
+	case "$/metrics":
+		if f := c.cl.opts.OnMetrics; f != nil {
+			var m Metrics
+			if err := json.Unmarshal(params, &m); err != nil {
+				c.cl.log.Warn("sidecar: ignored a bad $/metrics", "err", err)
+				return
+			}
+			c.cl.events.push(func() { f(m) })
 		}
 	default:
 		c.cl.log.Debug("sidecar: ignored a notification", "method", method)

@@ -102,7 +102,11 @@ func (cl *Client) spawn(ctx context.Context) (*conn, error) {
 	go c.waitLoop()
 	cl.log.Debug("sidecar: started the runtime", "pid", c.pid, "argv", argv)
 
-	params, _ := json.Marshal(InitializeParams{ProtocolVersion: ProtocolVersion, ClientInfo: cl.opts.ClientInfo})
+	initParams := InitializeParams{ProtocolVersion: ProtocolVersion, ClientInfo: cl.opts.ClientInfo}
+	if cl.opts.OnMetrics != nil {
+		initParams.MetricsIntervalMs = int(cl.opts.MetricsInterval.Milliseconds())
+	}
+	params, _ := json.Marshal(initParams)
 	raw, err := c.call(ctx, "initialize", params)
 	if err == nil {
 		var res InitializeResult

@@ -51,6 +51,7 @@ var schemaTypes = map[string]struct {
 	"cancel_request.params.json":  {sidecar.CancelRequestParams{}, true},
 	"generate.chunk.params.json":  {sidecar.Chunk{}, false},
 	"progress.params.json":        {sidecar.Progress{}, false},
+	"metrics.params.json":         {sidecar.Metrics{}, false},
 }
 
 type protocolFile struct {

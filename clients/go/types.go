@@ -79,6 +79,9 @@ type InitializeParams struct {
 	// ProtocolVersion is the version the client speaks; a different major version is refused.
 	ProtocolVersion string      `json:"protocol_version,omitempty"`
 	ClientInfo      *ClientInfo `json:"client_info,omitempty"`
+	// MetricsIntervalMs asks for a $/metrics notification every this many milliseconds (at
+	// least 50); 0 sends none. Start sets it from Options.MetricsInterval.
+	MetricsIntervalMs int `json:"metrics_interval_ms,omitempty"`
 }
 
 // ClientInfo names the client in initialize.
@@ -183,8 +186,8 @@ type ModelListParams struct{}
 // MetricsParams are the (empty) params of runtime/metrics.
 type MetricsParams struct{}
 
-// Metrics is the result of runtime/metrics: counters since start, gauges now, and latency
-// percentiles of recent requests.
+// Metrics is the result of runtime/metrics, and the params of each $/metrics notification
+// (Options.OnMetrics): counters since start, gauges now, and latency percentiles of recent requests.
 type Metrics struct {
 	UptimeMs float64 `json:"uptime_ms"`
 	// Requests counts answers by method, then by outcome ("ok" or the error's data.type).

@@ -10,12 +10,13 @@ import sys
 import threading
 import time
 
-from . import defaults, framing
+from . import defaults, framing, metrics
 from .context import Context
 from .dispatcher import Dispatcher
 from .engine import Engine
 from .errors import CANCELLED, RpcError
 from .inflight import InFlight
+from .methods.runtime import snapshot
 from .writer import Writer
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,9 @@ class Server:
         from .images import Options
 
         self.ctx.images = image_options if image_options is not None else Options()
+        # $/metrics every initialize.metrics_interval_ms, sent from its own thread.
+        self.ctx.metrics_ticker = metrics.Ticker(lambda: snapshot(self.ctx), lambda msg: self.ctx.writer.send(msg),
+                                                 stalled=lambda: self.ctx.writer is None or self.ctx.writer.stalled())
 
     # ---- lifecycle ----
     def serve(self, in_fd: int, out_fd: int) -> int:
@@ -102,6 +106,7 @@ class Server:
 
     def _teardown(self) -> int:
         deadline = time.monotonic() + STOP_BUDGET
+        self.ctx.metrics_ticker.stop()
         self.inflight.begin_shutdown()
         for req in self.inflight.requests():
             req.cancel()

@@ -284,75 +284,8 @@ export interface Speculative {
   max_ngram?: number;
 }
 
-export interface InitializeParams {
-  /** The protocol version the client speaks; a different major version is refused. */
-  protocol_version?: string;
-  client_info?: {
-    name: string;
-    version?: string;
-  };
-}
-
-export interface InitializeResult {
-  protocol_version: string;
-  server_info: ServerInfo;
-  capabilities: {
-    framings: ("ndjson" | "lsp" | "msgpack")[];
-    /** The framing this connection uses. */
-    framing: "ndjson" | "lsp" | "msgpack";
-    methods: string[];
-    notifications: string[];
-    device: Device;
-    versions: Versions;
-    limits: {
-      max_frame_bytes: number;
-      max_stop_strings?: number;
-      [key: string]: unknown;
-    };
-    structured_output: StructuredOutput;
-  };
-}
-
-export type ShutdownParams = Record<string, never>;
-
-/** Sent once every request that was in flight has been answered. */
-export type ShutdownResult = Record<string, never>;
-
-export type RuntimePingParams = Record<string, never>;
-
-export type RuntimePingResult = Record<string, never>;
-
-export type RuntimeInfoParams = Record<string, never>;
-
-export interface RuntimeInfoResult {
-  server_info: ServerInfo;
-  protocol_version: string;
-  pid: number;
-  uptime_ms: number;
-  framing: "ndjson" | "lsp" | "msgpack";
-  device: Device;
-  versions: Versions;
-  memory: Memory;
-  models: ModelInfo[];
-  structured_output: StructuredOutput;
-  /** Compiled response_format grammars kept per (model, format). */
-  grammar_cache: {
-    entries: number;
-    capacity: number;
-    hits: number;
-    misses: number;
-  };
-  in_flight: {
-    requests: number;
-    generating: number;
-    queued: number;
-  };
-}
-
-export type RuntimeMetricsParams = Record<string, never>;
-
-/** Counters since start, gauges now, and latency percentiles of recent requests. */
-export interface RuntimeMetricsResult {
+/** Counters since start, gauges now, and latency percentiles of recent requests: runtime/metrics' result and $/metrics' params. */
+export interface Metrics {
   uptime_ms: number;
   /** Answered requests by method, then by outcome: "ok" or the error's data.type. */
   requests: {
@@ -414,6 +347,78 @@ export interface RuntimeMetricsResult {
     memory: Memory;
   };
 }
+
+export interface InitializeParams {
+  /** The protocol version the client speaks; a different major version is refused. */
+  protocol_version?: string;
+  client_info?: {
+    name: string;
+    version?: string;
+  };
+  /** Ask for a $/metrics notification every this many milliseconds (at least 50); 0, the default, sends none. A later initialize replaces the interval. */
+  metrics_interval_ms?: number;
+}
+
+export interface InitializeResult {
+  protocol_version: string;
+  server_info: ServerInfo;
+  capabilities: {
+    framings: ("ndjson" | "lsp" | "msgpack")[];
+    /** The framing this connection uses. */
+    framing: "ndjson" | "lsp" | "msgpack";
+    methods: string[];
+    notifications: string[];
+    device: Device;
+    versions: Versions;
+    limits: {
+      max_frame_bytes: number;
+      max_stop_strings?: number;
+      [key: string]: unknown;
+    };
+    structured_output: StructuredOutput;
+  };
+}
+
+export type ShutdownParams = Record<string, never>;
+
+/** Sent once every request that was in flight has been answered. */
+export type ShutdownResult = Record<string, never>;
+
+export type RuntimePingParams = Record<string, never>;
+
+export type RuntimePingResult = Record<string, never>;
+
+export type RuntimeInfoParams = Record<string, never>;
+
+export interface RuntimeInfoResult {
+  server_info: ServerInfo;
+  protocol_version: string;
+  pid: number;
+  uptime_ms: number;
+  framing: "ndjson" | "lsp" | "msgpack";
+  device: Device;
+  versions: Versions;
+  memory: Memory;
+  models: ModelInfo[];
+  structured_output: StructuredOutput;
+  /** Compiled response_format grammars kept per (model, format). */
+  grammar_cache: {
+    entries: number;
+    capacity: number;
+    hits: number;
+    misses: number;
+  };
+  in_flight: {
+    requests: number;
+    generating: number;
+    queued: number;
+  };
+}
+
+export type RuntimeMetricsParams = Record<string, never>;
+
+/** Counters since start, gauges now, and latency percentiles of recent requests. */
+export type RuntimeMetricsResult = Metrics;
 
 export interface ModelLoadParams {
   /** A local model directory, a .gguf file, an alias such as "default", or a Hugging Face id. */
@@ -639,6 +644,9 @@ export interface ProgressParams {
   };
 }
 
+/** Sent every initialize.metrics_interval_ms while the runtime serves (until shutdown): the same body as runtime/metrics' result. */
+export type MetricsParams = Metrics;
+
 /** The request methods, in protocol.json's order. */
 export const METHODS = ["initialize", "shutdown", "runtime/ping", "runtime/info", "runtime/metrics", "model/load", "model/unload", "model/list", "generate", "score", "tokenize", "detokenize"] as const;
 
@@ -669,4 +677,5 @@ export interface ClientNotifications {
 export interface ServerNotifications {
   "generate/chunk": GenerateChunkParams;
   "$/progress": ProgressParams;
+  "$/metrics": MetricsParams;
 }

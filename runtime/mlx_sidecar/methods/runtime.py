@@ -1,4 +1,5 @@
-"""runtime/ping, runtime/info and runtime/metrics: answered on the reader thread, never behind a model."""
+"""runtime/ping, runtime/info and runtime/metrics: answered on the reader thread, never behind a model
+(the periodic $/metrics notification sends the same snapshot from its own thread)."""
 
 import os
 import time
@@ -29,6 +30,11 @@ def info(ctx, req):
 
 
 def metrics(ctx, req):
+    return snapshot(ctx)
+
+
+def snapshot(ctx) -> dict:
+    """runtime/metrics' result, also the body of each periodic $/metrics notification."""
     engine = ctx.engine
     snap = ctx.inflight.metrics.snapshot()
     snap["uptime_ms"] = round((time.monotonic() - ctx.started_at) * 1000, 1)
