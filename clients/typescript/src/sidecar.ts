@@ -17,6 +17,7 @@ import {
   type Methods,
   type ModelInfo,
   type ModelLoadParams,
+  type Metrics,
   type ModelUnloadResult,
   type ProgressParams,
 } from "./protocol.js";
@@ -61,6 +62,8 @@ export interface SidecarOptions {
   stallTimeoutMs?: number;
   /** Sent in initialize's client_info. */
   clientInfo?: { name: string; version?: string };
+  /** Ask the runtime for a `metrics` event (its runtime/metrics snapshot) every this many ms (at least 50; default 0: none). */
+  metricsIntervalMs?: number;
 }
 
 export interface ExitEvent extends ExitInfo {
@@ -84,6 +87,8 @@ export interface RestartEvent {
 
 export interface SidecarEvents {
   progress: [progress: ProgressParams];
+  /** A $/metrics snapshot, every SidecarOptions.metricsIntervalMs. */
+  metrics: [metrics: Metrics];
   stderr: [line: string];
   exit: [event: ExitEvent];
   restart: [event: RestartEvent];
@@ -274,7 +279,11 @@ export class Sidecar extends EventEmitter {
     try {
       live.init = (await conn.request(
         "initialize",
-        { protocol_version: PROTOCOL_VERSION, client_info: this.options.clientInfo ?? { name: "mlx-sidecar-typescript", version: clientVersion() } },
+        {
+          protocol_version: PROTOCOL_VERSION,
+          client_info: this.options.clientInfo ?? { name: "mlx-sidecar-typescript", version: clientVersion() },
+          ...(this.options.metricsIntervalMs ? { metrics_interval_ms: this.options.metricsIntervalMs } : {}),
+        },
         { timeoutMs },
       )) as InitializeResult;
       return live;
@@ -443,6 +452,7 @@ export class Sidecar extends EventEmitter {
 
   private onNotification(method: string, params: unknown): void {
     if (method === "$/progress") this.emit("progress", params as ProgressParams);
+    else if (method === "$/metrics") this.emit("metrics", params as Metrics);
     else this.emit("notification", method, params);
   }
 
