@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "runtime"))
 
 from mlx_sidecar.testing import make_model  # noqa: E402
 from mlx_sidecar.testing.pipe import Pipe  # noqa: E402
+import metrics_util  # noqa: E402
 
 STREAM = {"chunk_tokens": 1, "max_latency_ms": 0}
 
@@ -75,6 +76,7 @@ def one(model, factor, tokens):
     for id in (run, long_id):
         if id not in answered:
             p.wait(id, 600)
+    metrics_util.show(p, f"factor {factor:g}", out=sys.stderr)  # the runtime's own view; the table below is the host's
     p.close()
     before = [b - a for a, b in zip(times, times[1:]) if b <= long_sent]
     during = [b - a for a, b in zip(times, times[1:]) if b > long_sent]

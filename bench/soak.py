@@ -5,7 +5,9 @@
 The mix: streamed and non-streamed generates of varied prompts and lengths (seeded and not), cancels
 mid-stream, tokenize, invalid params, unknown methods and pings, 32 in flight. Prints RSS and the
 runtime's own memory report at each checkpoint; exits 1 if RSS at the end exceeds RSS at the first
-checkpoint by more than --tolerance (default 10%)."""
+checkpoint by more than --tolerance (default 10%). At the end it prints the runtime's own TTFT and
+inter-token percentiles (runtime/metrics) beside the host's: request written → first chunk read, and
+chunk gaps spread over the chunk's tokens."""
 
 import argparse
 import json
@@ -19,6 +21,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "runtime"))
 
 from mlx_sidecar.testing import make_model  # noqa: E402
 from mlx_sidecar.testing.pipe import Pipe  # noqa: E402
+
+import metrics_util  # noqa: E402
 
 
 def rss_bytes(pid: int) -> int:
@@ -48,10 +52,41 @@ def one_request(rng: random.Random, i: int):
     return "runtime/ping", {}, False
 
 
+class HostTimes:
+    """What the host sees of each generate: request written → first chunk, and gaps between chunks."""
+
+    def __init__(self):
+        self.sent: dict = {}
+        self.last: dict = {}
+        self.ttft_ms: list = []
+        self.inter_token_ms: list = []
+
+    def chunk(self, params: dict) -> None:
+        now, id = time.monotonic(), params["id"]
+        if id in self.last:
+            n = max(1, len(params["token_ids"]))
+            self.inter_token_ms.extend([(now - self.last[id]) * 1000 / n] * n)
+        elif id in self.sent:
+            self.ttft_ms.append((now - self.sent.pop(id)) * 1000)
+        self.last[id] = now
+
+    def pause(self) -> None:
+        self.sent.clear()
+        self.last.clear()
+
+    def done(self, id) -> None:
+        self.sent.pop(id, None)
+        self.last.pop(id, None)
+
+
+host = HostTimes()
+
+
 def take(msg, pending: dict, outcomes: dict) -> int:
     """Count one answer (1) or act on a chunk (cancel the requests meant to be cancelled) (0)."""
     if msg.get("method") == "generate/chunk":
         id = msg["params"]["id"]
+        host.chunk(msg["params"])
         if pending.get(id):
             pending[id] = False
             p_cancel.append(id)
@@ -59,6 +94,7 @@ def take(msg, pending: dict, outcomes: dict) -> int:
     if "id" not in msg or msg["id"] not in pending:
         return 0
     del pending[msg["id"]]
+    host.done(msg["id"])
     key = "ok" if "result" in msg else msg["error"]["data"]["type"]
     outcomes[key] = outcomes.get(key, 0) + 1
     return 1
@@ -82,6 +118,8 @@ def soak(model: str, total: int, checkpoints: list[int], in_flight: int = 32, se
         while sent < total and len(pending) < in_flight:
             method, params, cancel = one_request(rng, sent)
             id = p.start(method, params)
+            if method == "generate":
+                host.sent[id] = time.monotonic()
             pending[id] = cancel
             sent += 1
         while p_cancel:
@@ -90,6 +128,7 @@ def soak(model: str, total: int, checkpoints: list[int], in_flight: int = 32, se
         if next_check and done >= next_check[0]:
             next_check.pop(0)
             time.sleep(1.5)  # let the engine go idle and return freed buffers, as it does between bursts
+            host.pause()     # the host's clocks for requests in flight would count the sleep
             answer, others = p.request("runtime/info", timeout=30)
             for msg in others:
                 done += take(msg, pending, outcomes)
@@ -101,6 +140,7 @@ def soak(model: str, total: int, checkpoints: list[int], in_flight: int = 32, se
                   f"  mlx cache {info['memory']['cache_bytes'] / 2**20:6.1f} MiB  prompt cache {info['memory'].get('prompt_cache_bytes', 0) / 2**20:6.1f} MiB"
                   f"  ({point['elapsed_s']} s)", file=sys.stderr)
     report["outcomes"] = outcomes
+    report["latency_ms"] = metrics_util.show(p, "soak", {"ttft": host.ttft_ms, "inter_token": host.inter_token_ms}, out=sys.stderr)
     p.request("shutdown")
     p.notify("exit")
     p.proc.wait(10)
