@@ -34,6 +34,13 @@ def parse_args(argv=None):
     p.add_argument("--prefill-slice-factor", type=float, default=defaults.PREFILL_SLICE_FACTOR, metavar="F",
                    help="while other requests decode, each batch step prefills new prompts for about F decode steps, "
                         "so running streams wait at most ~(1+F)x their token time; 0 prefills in 512-token steps (default: %(default)s)")
+    p.add_argument("--distributed-hostfile", metavar="FILE",
+                   help="serve each model sharded over the hosts in FILE (mlx.launch's JSON hostfile; this process is rank 0 and starts the others)")
+    p.add_argument("--distributed-port", type=int, default=32323, metavar="PORT",
+                   help="the ring backend's first port, one more per rank (default: %(default)s)")
+    p.add_argument("--distributed-sharding", choices=("auto", "tensor", "pipeline"), default="auto",
+                   help="how models are split over the group (default: auto, tensor-parallel where the architecture has it)")
+    p.add_argument("--follower", action="store_true", help=argparse.SUPPRESS)  # a group's other ranks (follower.py)
     p.add_argument("--version", action="version", version=f"mlx-sidecar {__version__}")
     return p.parse_args(argv)
 
@@ -50,11 +57,26 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=getattr(logging, args.log_level.upper()),
                         format="mlx-sidecar %(levelname)s %(name)s: %(message)s")
+    if args.follower:
+        from . import follower
+
+        code = follower.main()
+        logging.shutdown()
+        os._exit(code)
     from .server import Server, install_signal_handlers, reserve_stdout
 
     out_fd = reserve_stdout()
     if args.max_batch < 1 or args.max_queue < 0 or args.prompt_cache_bytes < 0:
         raise SystemExit("mlx-sidecar: --max-batch must be >= 1, --max-queue and --prompt-cache-bytes >= 0")
+    if args.distributed_hostfile:
+        from . import distributed
+
+        try:
+            distributed.GROUP = distributed.Leader(args.distributed_hostfile, args.distributed_port,
+                                                   args.distributed_sharding, args.log_level)
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"mlx-sidecar: --distributed-hostfile: {e}")
+        distributed.GROUP.spawn()
     server = Server(args.framing, args.max_frame_bytes, preload=args.model, max_batch=args.max_batch,
                     max_queue=args.max_queue, prompt_cache_bytes=args.prompt_cache_bytes,
                     image_options=image_options(args))

@@ -106,6 +106,18 @@ def pick_sharding(path, sharding: str) -> str:
     return "pipeline"
 
 
+def settle(loaded):
+    """Measure what would otherwise be measured later on rank 0 alone (a forward pass: a collective
+    the followers would not join). Every rank calls this right after loading."""
+    try:
+        from . import admission
+
+        loaded.kv = admission.measure(loaded.model, loaded.config)
+    except ImportError:
+        pass
+    return loaded
+
+
 class _Broadcast:
     """Rank 0's sampler: samples, then shares the tokens with every rank (the others add zeros)."""
 

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 
-from . import blas, defaults
+from . import blas, defaults, distributed
 from .errors import MODEL_UNLOADED, RpcError, internal
 from .runners import ModelRunner, cancelled_error
 
@@ -32,6 +32,7 @@ class Engine:
         self.prompt_cache_bytes = prompt_cache_bytes
         self.prefill_factor = defaults.PREFILL_SLICE_FACTOR  # see pacing.py; --prefill-slice-factor
         self._stalled = stalled         # True while the host is not reading our output
+        self.group = distributed.GROUP  # rank 0 of a group serving sharded models (distributed.py), or None
         self._inbox: collections.deque = collections.deque()
         self._cv = threading.Condition()
         self._runners: dict = {}        # model id → runner
@@ -110,11 +111,15 @@ class Engine:
                 else:
                     self._admit(item[1])
             if stopping:
+                if self.group is not None:
+                    self.group.stop()
                 for runner in self._runners.values():
                     runner.abort(lambda: cancelled_error("request cancelled: the runtime is stopping"))
                 return
             if self._stalled():
                 continue
+            if self.group is not None and not self.group.before_steps(self):
+                continue  # the group is broken: its requests were failed (distributed.py)
             for runner in list(self._runners.values()):
                 if len(runner):
                     runner.step()
@@ -123,6 +128,8 @@ class Engine:
 
     def _init_mlx(self) -> None:
         blas.preload()
+        if self.group is not None:
+            self.group.join(self)  # the followers and the mx.distributed group, before any MLX work
         try:
             import mlx.core as mx
 
@@ -168,6 +175,8 @@ class Engine:
             return
         try:
             gen.prepare(self.models)
+            if self.group is not None:
+                self.group.admit(gen)  # the followers mirror it (last: nothing may refuse it after this)
         except RpcError as e:
             gen.req.fail(e)
             return
@@ -189,6 +198,8 @@ class Engine:
     def abort_model(self, model_id: str) -> None:
         """Fail every generation on a model that is being unloaded (engine thread)."""
         runner = self._runners.pop(model_id, None)
+        if self.group is not None:
+            self.group.unload(model_id)
         if runner is not None:
             runner.abort(lambda: RpcError(MODEL_UNLOADED, f"model {model_id!r} was unloaded while this request waited or ran"))
 

@@ -114,8 +114,8 @@ class Follower:
         started = time.perf_counter()
         model, tok, _ = distributed.sharded_load(path, self.group, msg["sharding"], msg["trust_remote_code"])
         config = json.loads((path / "config.json").read_text())
-        self.models[msg["id"]] = models._finish(str(path), msg["id"], path, config, "llm", model, tok, None,
-                                                msg["dtype"], "cpu" if _device_type() == "cpu" else "gpu", started)
+        self.models[msg["id"]] = distributed.settle(models._finish(str(path), msg["id"], path, config, "llm", model, tok, None,
+                                                msg["dtype"], "cpu" if _device_type() == "cpu" else "gpu", started))
         self._report_memory()
 
     def _unload(self, msg) -> None:

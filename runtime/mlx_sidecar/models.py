@@ -107,6 +107,7 @@ def load(source: str, *, model_id: str, dtype: str, trust_remote_code: bool, dev
         if kind == "vision":
             raise RpcError(MODEL_LOAD_FAILED, f"{source!r} is a vision model; a distributed group serves text models only", type="unsupported_architecture", model=source)
         model, tokenizer = distributed.GROUP.load(path, source, model_id, dtype, trust_remote_code)
+        return distributed.settle(_finish(source, model_id, path, config, kind, model, tokenizer, None, dtype, device_type, started))
     elif kind == "vision":
         model, tokenizer, processor = vision.load_parts(path, source, config, trust_remote_code)
     else:

@@ -13,7 +13,7 @@ def ping(ctx, req):
 
 def info(ctx, req):
     engine = ctx.engine
-    return {
+    out = {
         "server_info": {"name": "mlx-sidecar", "version": __version__},
         "protocol_version": PROTOCOL_VERSION,
         "pid": os.getpid(),
@@ -27,6 +27,9 @@ def info(ctx, req):
         "grammar_cache": constraints.cache_info(),
         "in_flight": {"requests": len(ctx.inflight), "generating": engine.generating, "queued": engine.queued},
     }
+    if getattr(engine, "group", None) is not None:
+        out["group"] = engine.group.describe(engine)  # a sharded model's ranks (distributed.py)
+    return out
 
 
 def metrics(ctx, req):

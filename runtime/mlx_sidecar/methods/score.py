@@ -22,6 +22,8 @@ def run(engine, req) -> dict:
         raise model_not_found(params["model"])
     if loaded.kind != "llm":
         raise RpcError(INVALID_PARAMS, f"model {loaded.id!r} is a {loaded.kind}; score takes a text model", path="/model")
+    if getattr(engine, "group", None) is not None:
+        raise RpcError(INVALID_PARAMS, f"model {loaded.id!r} is sharded over a distributed group; score is not available there", path="/model")
     tokenizer = loaded.tokenizer
     ids, _ = prompts.render(tokenizer, params, loaded.id)
     completion = list(tokenizer.encode(params["completion"], add_special_tokens=False)) if "completion" in params else []
