@@ -252,6 +252,28 @@ type RuntimeInfo struct {
 	InFlight         InFlight         `json:"in_flight"`
 	StructuredOutput StructuredOutput `json:"structured_output"`
 	GrammarCache     GrammarCache     `json:"grammar_cache"`
+	// Group is set when models are sharded over a distributed group (docs/distributed.md).
+	Group *Group `json:"group,omitempty"`
+}
+
+// Group describes the ranks serving sharded models; the runtime the host talks to is rank 0.
+type Group struct {
+	Size    int    `json:"size"`
+	Backend string `json:"backend"`
+	// State is "starting", "ok" or "broken" (Error says why; generate fails until a restart).
+	State string `json:"state"`
+	Error string `json:"error,omitempty"`
+	// Sharding maps a loaded model id to "tensor" or "pipeline".
+	Sharding map[string]string `json:"sharding"`
+	Ranks    []GroupRank       `json:"ranks"`
+}
+
+// GroupRank is one rank of a Group: where it runs and its own memory.
+type GroupRank struct {
+	Rank   int    `json:"rank"`
+	Host   string `json:"host"`
+	PID    int    `json:"pid"`
+	Memory Memory `json:"memory"`
 }
 
 // Memory is the runtime's memory use.
