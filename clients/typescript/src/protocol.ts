@@ -413,6 +413,29 @@ export interface RuntimeInfoResult {
     generating: number;
     queued: number;
   };
+  /** Present only when models are sharded over a distributed group (mlx-sidecar --distributed-hostfile); this process is rank 0. See docs/distributed.md. */
+  group?: {
+    /** Ranks in the group, this one included. */
+    size: number;
+    /** The mlx.distributed backend: ring (TCP), mpi, jaccl or nccl. */
+    backend: string;
+    /** broken: a rank left or failed; in-flight and new generate requests fail with -32004 until the runtime is restarted. */
+    state: "starting" | "ok" | "broken";
+    /** Why the group is broken. */
+    error?: string;
+    /** Loaded model id to how it is split over the ranks. */
+    sharding: {
+      [key: string]: "tensor" | "pipeline";
+    };
+    ranks: {
+      rank: number;
+      host: string;
+      /** The rank's process id on its host (0 until it has joined). */
+      pid: number;
+      /** The rank's own memory (a follower reports it after loads and while busy). */
+      memory: Memory;
+    }[];
+  };
 }
 
 export type RuntimeMetricsParams = Record<string, never>;
