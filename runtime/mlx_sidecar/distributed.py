@@ -396,7 +396,8 @@ class Leader:
     def describe(self, engine) -> dict:
         ranks = [{"rank": 0, "host": self.hosts[0]["ssh"], "pid": os.getpid(), "memory": dict(engine.memory)}]
         for p in self.peers:
-            ranks.append({"rank": p.rank, "host": p.host, "pid": p.pid or 0, "memory": dict(p.memory)})
+            memory = dict(p.memory) or {"active_bytes": 0, "peak_bytes": 0, "cache_bytes": 0, "rss_bytes": 0}
+            ranks.append({"rank": p.rank, "host": p.host, "pid": p.pid or 0, "memory": memory})
         out = {"size": self.size, "backend": self.backend, "state": self.state, "sharding": dict(self.models), "ranks": ranks}
         if self.broken is not None:
             out["error"] = self.broken

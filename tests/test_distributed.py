@@ -1,0 +1,218 @@
+"""One model sharded over two real ranks on loopback (mlx.distributed's ring backend): the runtime
+under test is rank 0 (a subprocess, --distributed-hostfile) and spawns rank 1 itself. Outputs are
+compared with a one-process runtime; cancellation, a killed follower and an idle group's CPU."""
+
+import json
+import os
+import random
+import signal
+import socket
+import time
+
+import pytest
+
+from conftest import chunks_of
+
+pytestmark = pytest.mark.timeout(120)
+
+PROMPTS = ["Hello world", "The capital of France is", "MLX runs language models", "Numbers: 0 1 2"]
+
+
+def _free_base_port() -> int:
+    """A port p with p and p + 1 free (the ring listens on one port per rank)."""
+    for _ in range(50):
+        base = random.randint(20000, 60000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", base))
+                b.bind(("127.0.0.1", base + 1))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair")
+
+
+@pytest.fixture(scope="module")
+def hostfile(tmp_path_factory):
+    path = tmp_path_factory.mktemp("group") / "hosts.json"
+    path.write_text(json.dumps({"backend": "ring", "hosts": [{"ssh": "localhost", "ips": ["127.0.0.1"]}] * 2}))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def qwen_model(tmp_path_factory) -> str:
+    from mlx_sidecar.testing.sharded import make_pipeline_model
+
+    return str(make_pipeline_model(tmp_path_factory.mktemp("qwen2")))
+
+
+def start_group(hostfile, model, sharding="auto"):
+    from mlx_sidecar.testing.pipe import Pipe
+
+    p = Pipe(args=["--distributed-hostfile", hostfile, "--distributed-port", str(_free_base_port()),
+                   "--distributed-sharding", sharding])
+    answer, _ = p.request("model/load", {"model": model, "id": "m"}, timeout=90)
+    assert "result" in answer, answer
+    return p
+
+
+def stop_group(p):
+    follower = [r["pid"] for r in group_info(p)["ranks"][1:]] if p.proc.poll() is None else []
+    p.close()
+    for pid in follower:  # the follower leaves when rank 0's side channel closes
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid), "a follower outlived rank 0"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def group_info(p) -> dict:
+    return p.request("runtime/info")[0]["result"]["group"]
+
+
+@pytest.fixture(scope="module")
+def tensor_group(hostfile, tmp_path_factory):
+    from mlx_sidecar.testing import make_model
+
+    model = str(make_model(tmp_path_factory.mktemp("llama"), preset="tiny"))
+    p = start_group(hostfile, model)
+    yield p, model
+    stop_group(p)
+
+
+def collect(p, ids, timeout=60):
+    answers, notes = {}, []
+    deadline = time.monotonic() + timeout
+    while len(answers) < len(ids):
+        msg = p.recv(max(0.1, deadline - time.monotonic()))
+        if "id" in msg and msg["id"] in ids:
+            answers[msg["id"]] = msg
+        else:
+            notes.append(msg)
+    return {i: (answers[i], chunks_of(notes, i)) for i in ids}
+
+
+def one_process_texts(serve, model, params_list):
+    """The same requests, one at a time, on an ordinary runtime."""
+    ref = serve()
+    assert "result" in ref.request("model/load", {"model": model, "id": "m"})[0]
+    return [ref.request("generate", {**q, "stream": False})[0]["result"]["text"] for q in params_list]
+
+
+def test_tensor_parallel_batch_matches_one_process(tensor_group, serve):
+    p, model = tensor_group
+    info = group_info(p)
+    assert info["size"] == 2 and info["backend"] == "ring" and info["state"] == "ok"
+    assert info["sharding"] == {"m": "tensor"}
+    assert [r["rank"] for r in info["ranks"]] == [0, 1] and info["ranks"][1]["pid"] > 0
+    params = [{"model": "m", "prompt": q, "max_tokens": 24 + 4 * i, "temperature": 0, "stream_options": {"chunk_tokens": 5}}
+              for i, q in enumerate(PROMPTS)]
+    ids = [p.start("generate", q) for q in params]   # all at once: they decode as one batch over the group
+    out = collect(p, ids)
+    expected = one_process_texts(serve, model, params)
+    for i, q, want in zip(ids, params, expected):
+        answer, chunks = out[i]
+        assert answer["result"]["usage"]["completion_tokens"] == q["max_tokens"]
+        assert "".join(c["text"] for c in chunks) == answer["result"]["text"]
+        assert answer["result"]["text"] == want
+
+
+def test_sampling_is_decided_on_rank_0(tensor_group):
+    # A seeded sampled request twice, the second beside others: rank 1 feeds rank 0's tokens, so
+    # the group stays in step and the seed gives the same text.
+    p, _ = tensor_group
+    seeded = {"model": "m", "prompt": "The quick brown", "max_tokens": 30, "temperature": 1.0, "seed": 7, "stream": False}
+    first = p.request("generate", seeded)[0]["result"]["text"]
+    ids = [p.start("generate", seeded)] + [p.start("generate", {"model": "m", "prompt": q, "max_tokens": 20, "temperature": 0.9})
+                                           for q in PROMPTS[:2]]
+    out = collect(p, ids)
+    assert out[ids[0]][0]["result"]["text"] == first
+
+
+def test_cancel_in_a_group_leaves_it_in_step(tensor_group, serve):
+    p, model = tensor_group
+    victim = p.start("generate", {"model": "m", "prompt": "victim", "max_tokens": 100000, "temperature": 0,
+                                  "stream_options": {"chunk_tokens": 2}})
+    keep = p.start("generate", {"model": "m", "prompt": PROMPTS[1], "max_tokens": 40, "temperature": 0})
+    while True:
+        msg = p.recv()
+        if msg.get("method") == "generate/chunk" and msg["params"]["id"] == victim:
+            break
+    p.notify("$/cancelRequest", {"id": victim})
+    out = collect(p, [victim, keep])
+    assert out[victim][0]["error"]["code"] == -32800
+    assert out[keep][0]["result"]["usage"]["completion_tokens"] == 40
+    # Still in step after the cancel: a fresh greedy request matches one process.
+    q = {"model": "m", "prompt": PROMPTS[2], "max_tokens": 30, "temperature": 0}
+    assert p.request("generate", {**q, "stream": False})[0]["result"]["text"] == one_process_texts(serve, model, [q])[0]
+
+
+def test_what_a_group_cannot_do_is_refused(tensor_group):
+    p, model = tensor_group
+    a = p.request("generate", {"model": "m", "prompt": "x", "max_tokens": 4, "speculative": {"type": "prompt_lookup"}})[0]
+    assert a["error"]["code"] == -32602 and a["error"]["data"]["path"] == "/speculative"
+    a = p.request("score", {"model": "m", "prompt": "x", "completion": "y"})[0]
+    assert a["error"]["code"] == -32602 and "distributed group" in a["error"]["message"]
+    a = p.request("model/load", {"model": model, "id": "d", "draft_model": model})[0]
+    assert a["error"]["code"] == -32602 and a["error"]["data"]["path"] == "/draft_model"
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(") ", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_an_idle_group_costs_no_cpu(tensor_group):
+    p, _ = tensor_group
+    assert p.request("generate", {"model": "m", "prompt": "warm", "max_tokens": 8, "stream": False})[0]["result"]
+    time.sleep(0.3)  # let the last step's work and memory report finish
+    pids = [r["pid"] for r in group_info(p)["ranks"]]
+    before = [_cpu_seconds(pid) for pid in pids]
+    time.sleep(1.0)
+    used = [_cpu_seconds(pid) - b for pid, b in zip(pids, before)]
+    # A rank busy-polling inside a collective would use ~1 s here; sleeping ones use ~0.
+    assert all(u < 0.3 for u in used), used
+
+
+def test_pipeline_parallel_matches_one_process(hostfile, qwen_model, serve):
+    p = start_group(hostfile, qwen_model, sharding="pipeline")
+    try:
+        assert group_info(p)["sharding"] == {"m": "pipeline"}
+        params = [{"model": "m", "prompt": q, "max_tokens": 20, "temperature": 0} for q in PROMPTS[:3]]
+        ids = [p.start("generate", q) for q in params]
+        out = collect(p, ids)
+        expected = one_process_texts(serve, qwen_model, params)
+        assert [out[i][0]["result"]["text"] for i in ids] == expected
+    finally:
+        stop_group(p)
+
+
+def test_a_killed_follower_fails_requests_clearly(hostfile, tiny_model):
+    p = start_group(hostfile, tiny_model)
+    try:
+        follower = group_info(p)["ranks"][1]["pid"]
+        running = p.start("generate", {"model": "m", "prompt": "long", "max_tokens": 100000, "temperature": 0,
+                                       "stream_options": {"chunk_tokens": 1}})
+        while p.recv().get("method") != "generate/chunk":
+            pass
+        os.kill(follower, signal.SIGKILL)
+        answer, _ = p.wait(running, timeout=30)   # no hang: the ring reports the lost peer
+        err = answer["error"]
+        assert err["code"] == -32004 and "group is broken" in err["message"]
+        assert err["data"]["finish_reason"] == "error" and err["data"]["usage"]["completion_tokens"] >= 1
+        info = group_info(p)
+        assert info["state"] == "broken" and "rank 1" in info["error"]
+        later = p.request("generate", {"model": "m", "prompt": "again", "max_tokens": 4}, timeout=30)[0]
+        assert later["error"]["code"] == -32004 and later["error"]["data"]["group_broken"] is True
+        assert "result" in p.request("runtime/ping")[0]
+    finally:
+        p.close()
