@@ -129,7 +129,8 @@ def test_errors_before_work_starts(loaded):
     p = loaded
     long_prompt = "Hello world " * 2000
     answer, notes = p.request("generate", {**BASE, "prompt": long_prompt})
-    assert answer["error"]["code"] == -32002
+    assert answer["error"]["code"] == -32602 and answer["error"]["data"]["type"] == "context_length_exceeded"
+    assert answer["error"]["data"]["path"] == "/prompt"
     assert answer["error"]["data"]["context_length"] == 1024 and answer["error"]["data"]["prompt_tokens"] > 1024
     assert notes == []
     answer, _ = p.request("generate", {**BASE, "model": "other"})

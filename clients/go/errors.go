@@ -31,19 +31,24 @@ var (
 
 // Error codes of the protocol (protocol/protocol.json, "errors").
 const (
-	CodeParseError            = -32700
-	CodeInvalidRequest        = -32600
-	CodeMethodNotFound        = -32601
-	CodeInvalidParams         = -32602
-	CodeInternalError         = -32603
-	CodeCancelled             = -32800
-	CodeModelNotFound         = -32000
-	CodeModelLoadFailed       = -32001
-	CodeContextLengthExceeded = -32002
-	CodeOverloaded            = -32003
-	CodeGenerationFailed      = -32004
-	CodeModelUnloaded         = -32005
+	CodeParseError       = -32700
+	CodeInvalidRequest   = -32600
+	CodeMethodNotFound   = -32601
+	CodeInvalidParams    = -32602
+	CodeInternalError    = -32603
+	CodeCancelled        = -32800
+	CodeModelNotFound    = -32000
+	CodeModelLoadFailed  = -32001
+	CodeOverloaded       = -32003
+	CodeGenerationFailed = -32004
+	CodeModelUnloaded    = -32005
 )
+
+// CodeContextLengthExceeded is no longer sent: a prompt longer than the model's context (or the
+// runtime's --max-context) is CodeInvalidParams with Type() "context_length_exceeded".
+//
+// Deprecated: check CodeInvalidParams and Type() == "context_length_exceeded".
+const CodeContextLengthExceeded = -32002
 
 // RPCError is an error answered by the runtime: a JSON-RPC error object.
 type RPCError struct {

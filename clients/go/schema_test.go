@@ -126,8 +126,8 @@ func TestErrorCodes(t *testing.T) {
 		"method_not_found": sidecar.CodeMethodNotFound, "invalid_params": sidecar.CodeInvalidParams,
 		"internal_error": sidecar.CodeInternalError, "cancelled": sidecar.CodeCancelled,
 		"model_not_found": sidecar.CodeModelNotFound, "model_load_failed": sidecar.CodeModelLoadFailed,
-		"context_length_exceeded": sidecar.CodeContextLengthExceeded, "overloaded": sidecar.CodeOverloaded,
-		"generation_failed": sidecar.CodeGenerationFailed, "model_unloaded": sidecar.CodeModelUnloaded,
+		"overloaded": sidecar.CodeOverloaded, "generation_failed": sidecar.CodeGenerationFailed,
+		"model_unloaded": sidecar.CodeModelUnloaded,
 	}
 	p := readProtocol(t)
 	if len(p.Errors) != len(codes) {

@@ -230,12 +230,25 @@ type MetricsGauges struct {
 	Queued           int64                   `json:"queued"`
 	Streams          map[string]ModelStreams `json:"streams"`
 	Memory           Memory                  `json:"memory"`
+	// KV is the memory budget for running requests' KV caches.
+	KV KVBudget `json:"kv"`
 }
 
-// ModelStreams counts one model's generate requests running and waiting for a batch slot.
+// ModelStreams counts one model's generate requests running and waiting for a batch slot (or
+// for room in the KV budget), and the KV cache bytes its running requests reserve and fill.
 type ModelStreams struct {
-	Running int64 `json:"running"`
-	Waiting int64 `json:"waiting"`
+	Running         int64 `json:"running"`
+	Waiting         int64 `json:"waiting"`
+	KVReservedBytes int64 `json:"kv_reserved_bytes,omitempty"`
+	KVBytes         int64 `json:"kv_bytes,omitempty"`
+}
+
+// KVBudget is the memory that running generate requests' KV caches may take: BudgetBytes (from
+// --kv-budget-bytes or the machine, as Source says), of which ReservedBytes are reserved now.
+type KVBudget struct {
+	BudgetBytes   int64  `json:"budget_bytes"`
+	ReservedBytes int64  `json:"reserved_bytes"`
+	Source        string `json:"source"`
 }
 
 // RuntimeInfo is the result of runtime/info.
@@ -328,6 +341,9 @@ type ModelInfo struct {
 	LoadMS        float64       `json:"load_ms"`
 	// ChunkTokens is the default number of tokens per generate/chunk for this model.
 	ChunkTokens int `json:"chunk_tokens"`
+	// KVBytesPerToken is what one token of context costs in KV cache (all layers, keys and
+	// values); the runtime reserves prompt + max_tokens of it per running request.
+	KVBytesPerToken int64 `json:"kv_bytes_per_token,omitempty"`
 	// Vision is set for vision models (Kind "vision"): what their processor accepts.
 	Vision *VisionInfo `json:"vision,omitempty"`
 	// Draft is set when the model was loaded with a draft model.

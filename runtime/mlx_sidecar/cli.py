@@ -41,6 +41,11 @@ def parse_args(argv=None):
     p.add_argument("--distributed-sharding", choices=("auto", "tensor", "pipeline"), default="auto",
                    help="how models are split over the group (default: auto, tensor-parallel where the architecture has it)")
     p.add_argument("--follower", action="store_true", help=argparse.SUPPRESS)  # a group's other ranks (follower.py)
+    p.add_argument("--kv-budget-bytes", type=int, default=0, metavar="BYTES",
+                   help="memory for the KV caches of running generate requests; a request starts only when its prompt + "
+                        "max_tokens fit beside the others, one that never could is refused (default: 0, from the machine's memory)")
+    p.add_argument("--max-context", type=int, default=0, metavar="TOKENS",
+                   help="cap every model's context (prompt + output) at this many tokens; longer prompts are refused (default: 0, the model's own)")
     p.add_argument("--version", action="version", version=f"mlx-sidecar {__version__}")
     return p.parse_args(argv)
 
@@ -68,6 +73,8 @@ def main(argv=None) -> int:
     out_fd = reserve_stdout()
     if args.max_batch < 1 or args.max_queue < 0 or args.prompt_cache_bytes < 0:
         raise SystemExit("mlx-sidecar: --max-batch must be >= 1, --max-queue and --prompt-cache-bytes >= 0")
+    if args.kv_budget_bytes < 0 or args.max_context < 0:
+        raise SystemExit("mlx-sidecar: --kv-budget-bytes and --max-context must be >= 0")
     if args.distributed_hostfile:
         from . import distributed
 
@@ -81,6 +88,8 @@ def main(argv=None) -> int:
                     max_queue=args.max_queue, prompt_cache_bytes=args.prompt_cache_bytes,
                     image_options=image_options(args))
     server.engine.prefill_factor = max(0.0, args.prefill_slice_factor)
+    server.engine.admission.fixed_budget = args.kv_budget_bytes
+    server.engine.admission.max_context = args.max_context
     install_signal_handlers(server)
     code = server.serve(0, out_fd)
     logging.shutdown()

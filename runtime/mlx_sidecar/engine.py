@@ -12,6 +12,7 @@ import threading
 import time
 
 from . import blas, defaults, distributed
+from .admission import Admission
 from .errors import MODEL_UNLOADED, RpcError, internal
 from .runners import ModelRunner, cancelled_error
 
@@ -31,6 +32,8 @@ class Engine:
         self.max_batch = max_batch
         self.prompt_cache_bytes = prompt_cache_bytes
         self.prefill_factor = defaults.PREFILL_SLICE_FACTOR  # see pacing.py; --prefill-slice-factor
+        self.admission = Admission()    # KV budget and context cap (admission.py); set by the CLI
+        self.admission.engine = self
         self._stalled = stalled         # True while the host is not reading our output
         self.group = distributed.GROUP  # rank 0 of a group serving sharded models (distributed.py), or None
         self._inbox: collections.deque = collections.deque()
@@ -65,7 +68,9 @@ class Engine:
 
     def streams(self) -> dict:
         """Per model: generate requests decoding now and waiting for a batch slot."""
-        return {mid: {"running": len(r.active) + (r.solo is not None), "waiting": len(r.waiting)}
+        kv = self.admission.by_model()
+        return {mid: {"running": len(r.active) + (r.solo is not None), "waiting": len(r.waiting),
+                      **kv.get(mid, {"kv_reserved_bytes": 0, "kv_bytes": 0})}
                 for mid, r in list(self._runners.items()) if len(r)}
 
     @property
@@ -174,7 +179,8 @@ class Engine:
         if not gen.req.try_start():
             return
         try:
-            gen.prepare(self.models)
+            gen.prepare(self.models, self.admission)
+            self.admission.refuse_if_never_fits(gen)
             if self.group is not None:
                 self.group.admit(gen)  # the followers mirror it (last: nothing may refuse it after this)
         except RpcError as e:
@@ -193,6 +199,7 @@ class Engine:
             runner = self._runners[gen.model_id] = make(gen.loaded, self.max_batch, self.prompt_cache_bytes)
             if hasattr(runner, "pacer"):
                 runner.pacer.factor = self.prefill_factor
+            runner.admission = self.admission
         runner.add(gen)
 
     def abort_model(self, model_id: str) -> None:

@@ -10,7 +10,7 @@ CANCELLED = -32800
 # Application errors (documented in protocol/protocol.json).
 MODEL_NOT_FOUND = -32000
 MODEL_LOAD_FAILED = -32001
-CONTEXT_LENGTH_EXCEEDED = -32002
+# -32002 (context_length_exceeded) is no longer sent: a too-long prompt is -32602 with that data.type.
 OVERLOADED = -32003
 GENERATION_FAILED = -32004
 MODEL_UNLOADED = -32005
@@ -24,7 +24,6 @@ _DEFAULT_TYPES = {
     CANCELLED: "cancelled",
     MODEL_NOT_FOUND: "model_not_found",
     MODEL_LOAD_FAILED: "model_load_failed",
-    CONTEXT_LENGTH_EXCEEDED: "context_length_exceeded",
     OVERLOADED: "overloaded",
     GENERATION_FAILED: "generation_failed",
     MODEL_UNLOADED: "model_unloaded",

@@ -6,7 +6,7 @@ import logging
 import time
 
 from . import constraints, logprobs, prompts, sampling, spec, speculative, tools
-from .errors import CONTEXT_LENGTH_EXCEEDED, GENERATION_FAILED, INVALID_PARAMS, RpcError, model_not_found
+from .errors import GENERATION_FAILED, INVALID_PARAMS, RpcError, model_not_found
 from .stops import StopText
 from .writer import ChunkBuffer
 
@@ -43,9 +43,11 @@ class Generation:
         self.top_logprobs = params.get("top_logprobs", 0) if params.get("logprobs") else None
         self.logprob_items: list = []   # OpenAI's logprobs.content, one per generated token
         self.speculative = None         # speculative.Plan when the request speculates
+        self.kv_need = 0                # KV bytes it holds at its longest (admission.py)
+        self.kv_started = False         # its KV bytes are reserved: it runs
 
     # ---- engine thread ----
-    def prepare(self, models: dict) -> None:
+    def prepare(self, models: dict, admission=None) -> None:
         """Tokenize and check limits; raises RpcError before any compute."""
         loaded = models.get(self.model_id)
         if loaded is None:
@@ -69,12 +71,14 @@ class Generation:
         if not ids:
             raise RpcError(INVALID_PARAMS, "the prompt is empty after tokenization; send some text",
                            path="/prompt" if "prompt" in params else "/messages")
-        ctx = loaded.context_length
+        ctx = admission.context_limit(loaded) if admission is not None else loaded.context_length
         max_tokens = params.get("max_tokens", spec.default("generate", "max_tokens"))
         if ctx is not None:
             if len(ids) >= ctx:
-                raise RpcError(CONTEXT_LENGTH_EXCEEDED, f"the prompt has {len(ids)} tokens but model {loaded.id!r} has a context of {ctx}; shorten the prompt",
-                               prompt_tokens=len(ids), context_length=ctx)
+                # Refused, never truncated: the host decides what to cut.
+                raise RpcError(INVALID_PARAMS, f"the prompt has {len(ids)} tokens but the context of model {loaded.id!r} is {ctx} "
+                               "(prompt and output together); shorten the prompt", type="context_length_exceeded",
+                               path="/prompt" if "prompt" in params else "/messages", prompt_tokens=len(ids), context_length=ctx)
             max_tokens = min(max_tokens, ctx - len(ids))
         if "top_logprobs" in params and not params.get("logprobs"):
             raise RpcError(INVALID_PARAMS, "top_logprobs needs logprobs: true (as in OpenAI's API)", path="/top_logprobs")
@@ -90,6 +94,11 @@ class Generation:
             self.constraint = constraints.start(loaded, self.format, self.stop_ids)
             self.processors = list(self.processors) + [self.constraint]
         self.speculative = speculative.plan(loaded, params)
+        if admission is not None:
+            from .admission import need
+
+            draft = self.speculative.draft if self.speculative is not None and self.speculative.kind == "draft" else None
+            self.kv_need = need(loaded, len(ids), max_tokens, draft)
         if self.stream:
             opts = params.get("stream_options") or {}
             self.buf = ChunkBuffer(self.req.id, opts.get("chunk_tokens", loaded.info["chunk_tokens"]),

@@ -35,6 +35,8 @@ class _Cancelled(Exception):
 
 
 class ModelRunner:
+    admission = None  # the engine's Admission (admission.py): requests start only when their KV fits
+
     def __init__(self, loaded, max_batch: int, cache_bytes: int):
         from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
 
@@ -62,8 +64,8 @@ class ModelRunner:
     # ---- one engine step ----
     def step(self) -> None:
         self._sweep_cancelled()
-        if self.waiting:
-            if self.batchable and (self.solo is not None or self.active or len(self.waiting) > 1):
+        if self.waiting and self._fits(self.waiting[0]):
+            if self.batchable and (self.solo is not None or self.active or self._two_fit()):
                 if self.solo is not None and not self._keep_speculating():
                     self._move_solo_into_batch()
                 self._fill_batch()
@@ -81,6 +83,17 @@ class ModelRunner:
             self._batch_steps += 1
             if not self.active:  # the batch is gone: its figures with it
                 self._batch_s, self._batch_steps = None, 0
+
+    def _fits(self, gen) -> bool:
+        """The memory budget has room for gen's KV cache now (else it waits, in order)."""
+        return self.admission is None or self.admission.fits(gen)
+
+    def _two_fit(self) -> bool:
+        return len(self.waiting) > 1 and (self.admission is None or self.admission.fits(self.waiting[0], also=self.waiting[1]))
+
+    def _reserve(self, gen) -> None:
+        if self.admission is not None:
+            self.admission.reserve(gen)
 
     def _keep_speculating(self) -> bool:
         """A speculating request stays alone beside the batch (one step each per engine step) while
@@ -142,6 +155,7 @@ class ModelRunner:
         from mlx_lm.generate import generate_step
         from mlx_lm.models.cache import make_prompt_cache
 
+        self._reserve(gen)
         cache, rest = self._cached(gen.prompt_ids)
         gen.begin(len(gen.prompt_ids) - len(rest))
         self._solo_cache = cache if cache is not None else make_prompt_cache(self.loaded.model)
@@ -244,8 +258,9 @@ class ModelRunner:
         self.active[uid] = gen
 
     def _fill_batch(self) -> None:
-        while self.waiting and len(self.active) < self.max_batch:
+        while self.waiting and len(self.active) < self.max_batch and self._fits(self.waiting[0]):
             gen = self.waiting.popleft()
+            self._reserve(gen)
             cache, rest = self._cached(gen.prompt_ids)
             gen.begin(len(gen.prompt_ids) - len(rest))
             self._insert(gen, rest, cache, gen.prompt_ids[: gen.cached_tokens], gen.max_tokens)

@@ -16,7 +16,6 @@ export const ERROR_CODES = {
   cancelled: -32800,
   model_not_found: -32000,
   model_load_failed: -32001,
-  context_length_exceeded: -32002,
   overloaded: -32003,
   generation_failed: -32004,
   model_unloaded: -32005,
@@ -173,6 +172,8 @@ export interface ModelInfo {
   load_ms: number;
   /** Default tokens per generate/chunk for this model, chosen by its size. */
   chunk_tokens: number;
+  /** KV cache bytes one token of context costs (all layers, keys and values), read from mlx-lm's caches. Admission reserves prompt + max_tokens of it per request. */
+  kv_bytes_per_token?: number;
   /** Vision models only: what the model's processor accepts. */
   vision?: {
     /** The placeholder a raw prompt writes where each image goes. */
@@ -342,9 +343,21 @@ export interface Metrics {
       [key: string]: {
         running: number;
         waiting: number;
+        /** KV cache bytes reserved by its running requests (prompt + max_tokens each). */
+        kv_reserved_bytes?: number;
+        /** KV cache bytes its running requests fill now (estimated from kv_bytes_per_token). */
+        kv_bytes?: number;
       };
     };
     memory: Memory;
+    /** The memory budget for KV caches of running generate requests (--kv-budget-bytes, or from the machine). */
+    kv: {
+      budget_bytes: number;
+      /** Reserved now by running requests, all models together. */
+      reserved_bytes: number;
+      /** Where budget_bytes comes from: the flag, /proc/meminfo, a cgroup limit, mlx's device_info. */
+      source: string;
+    };
   };
 }
 

@@ -42,5 +42,6 @@ def snapshot(ctx) -> dict:
     snap = ctx.inflight.metrics.snapshot()
     snap["uptime_ms"] = round((time.monotonic() - ctx.started_at) * 1000, 1)
     snap["gauges"] = {"requests_in_flight": len(ctx.inflight), "generating": engine.generating,
-                      "queued": engine.queued, "streams": engine.streams(), "memory": dict(engine.memory)}
+                      "queued": engine.queued, "streams": engine.streams(), "memory": dict(engine.memory),
+                      "kv": engine.admission.describe()}
     return snap

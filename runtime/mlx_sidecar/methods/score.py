@@ -4,7 +4,7 @@ The text runs through the model in steps of PREFILL_STEP tokens with a KV cache;
 become log-softmax rows, from which the scored tokens' values and one top-k for all rows are read."""
 
 from .. import logprobs, prompts
-from ..errors import CONTEXT_LENGTH_EXCEEDED, INVALID_PARAMS, RpcError, model_not_found
+from ..errors import INVALID_PARAMS, RpcError, model_not_found
 from ..runners import PREFILL_STEP, cancelled_error
 from . import PENDING
 
@@ -33,10 +33,11 @@ def run(engine, req) -> dict:
         raise RpcError(INVALID_PARAMS, "the prompt is empty after tokenization; send some text",
                        path="/prompt" if "prompt" in params else "/messages")
     tokens = ids + completion
-    ctx_len = loaded.context_length
+    ctx_len = engine.admission.context_limit(loaded)
     if ctx_len is not None and len(tokens) > ctx_len:
-        raise RpcError(CONTEXT_LENGTH_EXCEEDED, f"the text has {len(tokens)} tokens but model {loaded.id!r} has a context of {ctx_len}; shorten it",
-                       prompt_tokens=len(tokens), context_length=ctx_len)
+        raise RpcError(INVALID_PARAMS, f"the text has {len(tokens)} tokens but the context of model {loaded.id!r} is {ctx_len}; shorten it",
+                       type="context_length_exceeded", path="/completion" if completion and len(ids) <= ctx_len else
+                       ("/prompt" if "prompt" in params else "/messages"), prompt_tokens=len(tokens), context_length=ctx_len)
     k = params.get("top_logprobs", 0)
     first = len(ids) if completion else 1      # the first scored position
     picks = _score(loaded.model, tokens, first, k, req)
