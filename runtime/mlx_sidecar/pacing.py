@@ -16,13 +16,17 @@ class PrefillPacer:
     def __init__(self, factor: float):
         self.factor = factor             # 0: no pacing, always MAX_SLICE
         self.decode_s = None             # a decode-only step, seconds (running average)
-        self.step_tokens = MIN_SLICE * 4  # prompt tokens per paced step, all prompts together
+        self.step_tokens = MIN_SLICE     # prompt tokens per paced step, all prompts together
         self._progress: dict = {}        # uid → prompt tokens done, from the generator's responses
 
     def slice(self, decoding: bool, prompting: int) -> int:
         """Prompt tokens per waiting prompt for the next step."""
         if not decoding or self.factor <= 0 or prompting <= 0:
             return MAX_SLICE
+        if not self._progress:
+            # A new prompt at context 0: start at the floor and grow (at most 2x a step) from what
+            # its slices cost; a size learnt deep in an earlier prompt's context, or guessed, can overshoot.
+            self.step_tokens = MIN_SLICE
         return int(max(MIN_SLICE, min(MAX_SLICE, self.step_tokens / prompting)))
 
     def observe(self, prompt_responses, seconds: float, decoded: bool) -> None:

@@ -54,6 +54,7 @@ class ModelRunner:
         self._solo_spec = False       # True: _solo_tokens is speculative.generate (lists of tokens per step)
         self._batch_s = None          # recent seconds per batch step (moving average)
         self._batch_steps = 0
+        self._moved = False           # a lone request just moved into the batch: no prompt slice this step
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.active) + (self.solo is not None)
@@ -228,6 +229,7 @@ class ModelRunner:
         if not gen.tokens or not can_trim_prompt_cache(cache):
             return  # not started yet or cannot rewind: let it finish alone
         self.solo = self._solo_tokens = self._solo_cache = None
+        self._moved = True
         if self._solo_spec:
             # A speculative step ends with its last token not yet fed and nothing drawn ahead:
             # the batch feeds that token, without speculation from here on.
@@ -269,7 +271,11 @@ class ModelRunner:
         # Size this step's prompt slice so running streams are not starved (pacing.py).
         waiting_first = sum(1 for g in self.active.values() if g.first_at is None)
         decoding = waiting_first < len(self.active)
-        self.generator.prefill_step_size = self.pacer.slice(decoding, waiting_first)
+        # The step that takes in a moved request re-feeds its last token and yields nothing for it:
+        # adding a prompt slice there would double its gap.
+        size = self.pacer.slice(decoding, waiting_first)
+        self.generator.prefill_step_size = 0 if self._moved else size
+        self._moved = False
         try:
             started = time.perf_counter()
             prompt_responses, responses = self.generator.next()
