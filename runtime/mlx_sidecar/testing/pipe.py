@@ -38,6 +38,8 @@ class InProcess:
                              max_queue=a.max_queue, prompt_cache_bytes=a.prompt_cache_bytes,
                              image_options=image_options(a))
         self.server.engine.prefill_factor = max(0.0, a.prefill_slice_factor)
+        self.server.engine.admission.fixed_budget = a.kv_budget_bytes
+        self.server.engine.admission.max_context = a.max_context
         self.stdin = os.fdopen(in_w, "wb", buffering=0)
         self.stdout = os.fdopen(out_r, "rb", buffering=0)
         self.stderr = None
