@@ -133,6 +133,11 @@ class ModelRunner:
 
     def _remember(self, tokens, cache) -> None:
         if self.prompt_cache is not None and cache is not None and tokens:
+            import mlx.core as mx
+
+            # A row taken out of a batch is a lazy copy that holds the whole batch's KV buffers
+            # until evaluated: make the copy now, or every kept row pins a full batch (B² memory).
+            mx.eval([c.state for c in cache])
             self.prompt_cache.insert_cache(self.loaded.id, list(tokens), cache)
 
     # ---- cancellation ----
