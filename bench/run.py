@@ -5,7 +5,9 @@
 Measures (each as a ratio or a difference taken in this one run):
   spawn      spawn → initialize answered
   ping       sequential round trip, and pipelined round trips/s, per framing
-  stream     single-stream decode tokens/s through the pipe ÷ in-process stream_generate, per framing
+  stream     single-stream tokens/s through the pipe ÷ in-process stream_generate, per framing: end to end
+             (request written → final answer read, against the call → its last token) and decode-only
+             (first chunk → last; a first chunk can hold several tokens, so this one flatters the pipe)
   ttft       time to the first chunk − in-process time to the first token
   batch      aggregate tokens/s at 1, 4, 8, 16 concurrent streams ÷ in-process BatchGenerator
   default    (--default-model) SmolLM2-135M prefill and decode tokens/s through the sidecar and
@@ -88,7 +90,7 @@ def in_process_stream(model, tokenizer, max_tokens: int) -> dict:
             first = now
         last = now
         n = r.generation_tokens
-    return {"tokens": n, "ttft_ms": (first - t0) * 1000, "decode_tps": (n - 1) / (last - first)}
+    return {"tokens": n, "ttft_ms": (first - t0) * 1000, "decode_tps": (n - 1) / (last - first), "e2e_tps": n / (last - t0)}
 
 
 def sidecar_stream(p: Pipe, model_id: str, max_tokens: int) -> dict:
@@ -103,7 +105,7 @@ def sidecar_stream(p: Pipe, model_id: str, max_tokens: int) -> dict:
         if msg.get("id") == gid:
             break
     n = msg["result"]["usage"]["completion_tokens"]
-    return {"tokens": n, "ttft_ms": (first - t0) * 1000, "decode_tps": (n - 1) / (now - first)}
+    return {"tokens": n, "ttft_ms": (first - t0) * 1000, "decode_tps": (n - 1) / (now - first), "e2e_tps": n / (now - t0)}
 
 
 def stream(model_dir: str, framings, reps: int, max_tokens: int) -> dict:
@@ -125,12 +127,21 @@ def stream(model_dir: str, framings, reps: int, max_tokens: int) -> dict:
     for p in pipes.values():
         p.close()
     base_tps = statistics.median(r["decode_tps"] for r in runs["in_process"])
+    base_e2e = statistics.median(r["e2e_tps"] for r in runs["in_process"])
     base_ttft = statistics.median(r["ttft_ms"] for r in runs["in_process"])
-    out = {"in_process_tps": base_tps, "in_process_ttft_ms": base_ttft, "max_tokens": max_tokens, "reps": reps}
+    out = {"in_process_tps": base_tps, "in_process_e2e_tps": base_e2e, "in_process_ttft_ms": base_ttft,
+           "max_tokens": max_tokens, "reps": reps}
     for f in framings:
+        made = ([r["tokens"] for r in runs[f]], [b["tokens"] for b in runs["in_process"]])
+        if made[0] != made[1]:  # end to end compares whole runs: they must do the same work
+            raise RuntimeError(f"{f}: the sidecar and in-process runs made different numbers of tokens: {made}")
         tps = statistics.median(r["decode_tps"] for r in runs[f])
+        e2e = statistics.median(r["e2e_tps"] for r in runs[f])
+        # Per-rep ratios of neighbouring runs (they alternate), so slow drift cancels.
+        pairs = [r["e2e_tps"] / b["e2e_tps"] for r, b in zip(runs[f], runs["in_process"])]
         ttfts = [r["ttft_ms"] for r in runs[f]]
-        out[f] = {"tps": tps, "ratio": tps / base_tps, "ttft_ms": statistics.median(ttfts),
+        out[f] = {"tps": tps, "ratio": tps / base_tps, "e2e_tps": e2e, "e2e_ratio": e2e / base_e2e,
+                  "e2e_ratio_paired_median": statistics.median(pairs), "ttft_ms": statistics.median(ttfts),
                   "ttft_minus_in_process_ms": statistics.median(ttfts) - base_ttft}
     return out
 
@@ -208,7 +219,8 @@ def default_model(reps: int, prompt_tokens: int = 256, gen_tokens: int = 64) -> 
         for r in stream_generate(model, tokenizer, text, max_tokens=gen_tokens, sampler=make_sampler(temp=0.0), logits_processors=[no_eos]):
             now = time.perf_counter()
             first = first or now
-        return {"prefill_tps": r.prompt_tps, "decode_tps": (r.generation_tokens - 1) / (now - first), "ttft_ms": (first - t0) * 1000}
+        return {"prefill_tps": r.prompt_tps, "decode_tps": (r.generation_tokens - 1) / (now - first), "ttft_ms": (first - t0) * 1000,
+                "e2e_tps": r.generation_tokens / (now - t0)}
 
     p = Pipe("ndjson", args=["--prompt-cache-bytes", "0"])  # repeated prompt: compare real prefill
     p.request("model/load", {"model": "default"}, timeout=600)
@@ -227,7 +239,8 @@ def default_model(reps: int, prompt_tokens: int = 256, gen_tokens: int = 64) -> 
                 break
         r = msg["result"]
         return {"prefill_tps": r["timings"]["prompt_tps"], "decode_tps": (r["usage"]["completion_tokens"] - 1) / (now - first),
-                "ttft_ms": (first - t0) * 1000, "prompt_tokens": r["usage"]["prompt_tokens"]}
+                "ttft_ms": (first - t0) * 1000, "prompt_tokens": r["usage"]["prompt_tokens"],
+                "e2e_tps": r["usage"]["completion_tokens"] / (now - t0)}
 
     in_process(), sidecar()  # warm-up
     a, b = [], []
@@ -241,7 +254,7 @@ def default_model(reps: int, prompt_tokens: int = 256, gen_tokens: int = 64) -> 
     limit = bw["copy_gb_s"] * 1e9 / per_token
     out = {"prompt_tokens": b[0]["prompt_tokens"], "gen_tokens": gen_tokens, "reps": reps,
            "weight_bytes_per_token": per_token, "copy_gb_s": bw["copy_gb_s"], "decode_limit_tps": limit}
-    for k in ("prefill_tps", "decode_tps", "ttft_ms"):
+    for k in ("prefill_tps", "decode_tps", "ttft_ms", "e2e_tps"):
         out[k] = {"in_process": med(a, k), "sidecar": med(b, k), "ratio": med(b, k) / med(a, k)}
     out["decode_fraction_of_limit"] = out["decode_tps"]["sidecar"] / limit
     return out
@@ -309,7 +322,7 @@ def main() -> int:
         tiny = str(make_model(Path(tmp) / "tiny", preset="tiny"))
         results["spawn"] = spawn_to_initialize(5 if args.quick else 10)
         results["ping"] = {f: ping(f, 200 if args.quick else 1000, 5000 if args.quick else 20000) for f in FRAMINGS}
-        results["stream_tiny"] = stream(tiny, FRAMINGS, reps, 500 if args.quick else 2000)
+        results["stream_tiny"] = stream(tiny, FRAMINGS, reps, 500 if args.quick else 1000)  # within its 1,024-token context
         small = str(make_model(Path(tmp) / "small", preset="small"))
         results["prompt_cache_small"] = prompt_cache(small, 500)
         results["batch_small"] = batch(small, (1, 4, 8, 16), 2 if args.quick else 3, 64 if args.quick else 128)
@@ -343,18 +356,21 @@ def print_table(r: dict) -> None:
         s = r.get(key)
         if not s:
             continue
-        print(f"\n{key}: in-process {s['in_process_tps']:.1f} tok/s, ttft {s['in_process_ttft_ms']:.1f} ms ({s['max_tokens']} tokens, {s['reps']} reps)")
-        print(f"{'framing':<9} {'tok/s':>8} {'ratio':>7} {'ttft ms':>8} {'Δttft ms':>9}")
+        print(f"\n{key}: in-process end to end {s['in_process_e2e_tps']:.1f} tok/s, decode-only {s['in_process_tps']:.1f} tok/s, "
+              f"ttft {s['in_process_ttft_ms']:.1f} ms ({s['max_tokens']} tokens, {s['reps']} reps)")
+        print(f"{'framing':<9} {'e2e tok/s':>10} {'e2e ratio':>10} {'paired':>7} {'decode-only':>12} {'ratio':>7} {'ttft ms':>8} {'Δttft ms':>9}")
         for f in FRAMINGS:
             if f in s:
                 v = s[f]
-                print(f"{f:<9} {v['tps']:>8.1f} {v['ratio']:>7.3f} {v['ttft_ms']:>8.2f} {v['ttft_minus_in_process_ms']:>9.2f}")
+                print(f"{f:<9} {v['e2e_tps']:>10.1f} {v['e2e_ratio']:>10.3f} {v['e2e_ratio_paired_median']:>7.3f} {v['tps']:>12.1f} "
+                      f"{v['ratio']:>7.3f} {v['ttft_ms']:>8.2f} {v['ttft_minus_in_process_ms']:>9.2f}")
     d = r.get("default_model")
     if d:
         print(f"\ndefault model (SmolLM2-135M, float32): {d['prompt_tokens']}-token prompt, {d['gen_tokens']} tokens, {d['reps']} reps")
         print(f"{'':<12} {'in-process':>11} {'sidecar':>9} {'ratio':>7}")
-        for k in ("prefill_tps", "decode_tps", "ttft_ms"):
-            print(f"{k:<12} {d[k]['in_process']:>11.1f} {d[k]['sidecar']:>9.1f} {d[k]['ratio']:>7.3f}")
+        for k in ("e2e_tps", "prefill_tps", "decode_tps", "ttft_ms"):
+            if k in d:
+                print(f"{k:<12} {d[k]['in_process']:>11.1f} {d[k]['sidecar']:>9.1f} {d[k]['ratio']:>7.3f}")
         print(f"decode limit: {d['weight_bytes_per_token'] / 1e6:.0f} MB of weights per token ÷ {d['copy_gb_s']:.1f} GB/s copy bandwidth"
               f" = {d['decode_limit_tps']:.0f} tok/s; the sidecar reaches {d['decode_fraction_of_limit']:.0%}")
     for name, c in (r.get("clients") or {}).items():
