@@ -47,7 +47,8 @@ def run(p, ids, watch=None, until_waiting=None):
         elif "id" in msg and msg["id"] == pending_metrics:
             snapshots.append(msg["result"])
             pending_metrics = None
-            if until_waiting and msg["result"]["gauges"]["streams"].get(until_waiting, {}).get("waiting"):
+            row = msg["result"]["gauges"]["streams"].get(until_waiting, {})
+            if until_waiting and row.get("running") and row.get("waiting"):
                 return events, answers, snapshots
         elif "id" in msg and msg["id"] in ids:
             answers[msg["id"]] = msg
@@ -84,11 +85,13 @@ def test_a_request_that_does_not_fit_now_waits_then_runs(spawn, serve, tiny_mode
     assert ra["text"] == rb["text"]
     # b produced nothing until a had ended and given its KV budget back.
     assert first(events, "chunk", b) > first(events, "answer", a)
-    # While a ran, b waited and a's prompt + max_tokens were reserved.
-    waiting = [s["gauges"] for s in snaps if s["gauges"]["streams"].get("m", {}).get("waiting") == 1]
-    assert waiting, snaps[:3]
-    assert all(g["streams"]["m"]["kv_reserved_bytes"] == need and g["kv"]["reserved_bytes"] == need
-               and g["kv"]["budget_bytes"] == budget and g["kv"]["source"] == "--kv-budget-bytes" for g in waiting)
+    # While a ran, b waited and a's prompt + max_tokens were reserved. (The gauges are read on
+    # another thread than the engine's: a snapshot may fall between a's end and b's start.)
+    both = [s["gauges"] for s in snaps if s["gauges"]["streams"].get("m", {}).get("waiting") == 1
+            and s["gauges"]["streams"]["m"]["running"] == 1]
+    assert both, snaps[:3]
+    assert any(g["streams"]["m"]["kv_reserved_bytes"] == need and g["kv"]["reserved_bytes"] == need for g in both)
+    assert all(g["kv"]["budget_bytes"] == budget and g["kv"]["source"] == "--kv-budget-bytes" for g in both)
     after = p.request("runtime/metrics")[0]["result"]["gauges"]
     assert after["kv"]["reserved_bytes"] == 0 and after["streams"] == {}
 
@@ -168,3 +171,31 @@ def test_an_older_waiting_request_is_not_overtaken(spawn, tiny_model):
     assert all(answers[i]["result"]["finish_reason"] == "length" for i in (a, b, c))
     assert first(events, "chunk", c) > first(events, "answer", a)
     assert first(events, "chunk", b) > first(events, "answer", a)
+
+
+def test_kv_shape_of_a_model_with_sliding_window_layers():
+    """measure() reads mlx-lm's own caches: sliding-window layers cost at most their window, and
+    each full layer's figure is what its cache really holds."""
+    import mlx.core as mx
+    from mlx_lm.models import gemma3_text
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    from mlx_sidecar.admission import from_config, measure
+
+    args = gemma3_text.ModelArgs(model_type="gemma3_text", hidden_size=32, num_hidden_layers=4, intermediate_size=64,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=64,
+                                 sliding_window=8, sliding_window_pattern=2)
+    model = gemma3_text.Model(args)
+    shape = measure(model, {})
+    per_layer = 2 * 1 * 16 * 4  # keys and values x kv heads x head dim x float32
+    assert shape.layers == [(per_layer, 8), (per_layer, None), (per_layer, 8), (per_layer, None)]
+    assert shape.per_token == 4 * per_layer
+    assert shape.bytes_for(100) == 2 * per_layer * 8 + 2 * per_layer * 100
+    cache = make_prompt_cache(model)
+    model(mx.array([[1] * 256]), cache=cache)
+    full = [c for c in cache if type(c) is KVCache]
+    mx.eval([c.state for c in full])
+    assert len(full) == 2 and all(c.nbytes == 256 * per_layer for c in full)
+    # The config's formula agrees where there are no windows.
+    cfg = {"num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "hidden_size": 32}
+    assert from_config(cfg, 4).per_token == shape.per_token
