@@ -91,6 +91,7 @@ def test_a_request_that_does_not_fit_now_waits_then_runs(spawn, serve, tiny_mode
             and s["gauges"]["streams"]["m"]["running"] == 1]
     assert both, snaps[:3]
     assert any(g["streams"]["m"]["kv_reserved_bytes"] == need and g["kv"]["reserved_bytes"] == need for g in both)
+    assert any(per * n < g["streams"]["m"]["kv_bytes"] <= need for g in both)  # filled: prompt + tokens so far
     assert all(g["kv"]["budget_bytes"] == budget and g["kv"]["source"] == "--kv-budget-bytes" for g in both)
     after = p.request("runtime/metrics")[0]["result"]["gauges"]
     assert after["kv"]["reserved_bytes"] == 0 and after["streams"] == {}

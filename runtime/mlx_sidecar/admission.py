@@ -222,6 +222,8 @@ class Admission:
         if engine is not None:
             for loaded in list(engine.models.values()):
                 held += int(loaded.info.get("memory_bytes", 0))
+                if getattr(loaded, "draft", None) is not None:
+                    held += int(loaded.draft.info.get("memory_bytes", 0))
                 if loaded.kind == "llm":
                     held += engine.prompt_cache_bytes
         margin = max(int(total * MARGIN_FRACTION), MIN_MARGIN)
@@ -291,7 +293,9 @@ class Admission:
                 continue
             row = out.setdefault(gen.model_id, {"kv_reserved_bytes": 0, "kv_bytes": 0})
             row["kv_reserved_bytes"] += n
-            row["kv_bytes"] += shape_of(gen.loaded).bytes_for(len(gen.prompt_ids) + gen.completion)
+            shape = getattr(gen.loaded, "kv", None)  # set on the engine thread before it was reserved
+            if shape is not None:
+                row["kv_bytes"] += shape.bytes_for(len(gen.prompt_ids) + gen.completion)
         return out
 
 
