@@ -54,3 +54,32 @@ def test_without_pacing_the_prompt_goes_in_big_steps(serve, tiny_model):
     p = load(serve, tiny_model, "--prefill-slice-factor", "0")
     got = tokens_while_long_prompt_prefills(p)
     assert got <= 7, got  # a few more may come before the engine picks the request up
+
+
+def test_a_running_stream_is_unchanged_by_a_long_prompt_joining(serve, tiny_model):
+    # The join moves the running request into the batch (one step re-feeds its last token, with no
+    # prompt slice), then the long prompt goes in many small slices and joins generation: the
+    # running stream's greedy tokens must be exactly those it makes alone, in order.
+    p = load(serve, tiny_model, "--prefill-slice-factor", "0.05", "--prompt-cache-bytes", "0")
+    params = {"model": "m", "prompt": "Hi", "max_tokens": 150, "temperature": 0, "stream_options": {"chunk_tokens": 1, "max_latency_ms": 0}}
+    alone = p.request("generate", params)[0]["result"]
+    run = p.start("generate", params)
+    tokens, long, long_first, answers = [], None, None, {}
+    while True:
+        msg = p.recv()
+        if "id" in msg:
+            answers[msg["id"]] = msg
+        if msg.get("id") == run:
+            break
+        if msg.get("method") != "generate/chunk":
+            continue
+        if msg["params"]["id"] == run:
+            tokens += msg["params"]["token_ids"]
+            if len(tokens) >= 10 and long is None:
+                long = p.start("generate", {"model": "m", "prompt": LONG, "max_tokens": 2, "temperature": 0})
+        elif msg["params"]["id"] == long and long_first is None:
+            long_first = len(tokens)  # how far the running stream was when the long prompt's first token came
+    assert msg["result"]["text"] == alone["text"]
+    assert msg["result"]["usage"]["completion_tokens"] == alone["usage"]["completion_tokens"] == len(tokens)
+    assert long_first is not None and long_first > 10 + 12, long_first  # it kept flowing through the prefill
+    assert "result" in (answers.get(long) or p.wait(long))
