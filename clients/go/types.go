@@ -344,6 +344,9 @@ type ModelInfo struct {
 	// KVBytesPerToken is what one token of context costs in KV cache (all layers, keys and
 	// values); the runtime reserves prompt + max_tokens of it per running request.
 	KVBytesPerToken int64 `json:"kv_bytes_per_token,omitempty"`
+	// State is "loaded", or "unloaded" for a model unloaded by --idle-unload or --max-models that
+	// model/list still shows; a request naming it reloads it.
+	State string `json:"state,omitempty"`
 	// Vision is set for vision models (Kind "vision"): what their processor accepts.
 	Vision *VisionInfo `json:"vision,omitempty"`
 	// Draft is set when the model was loaded with a draft model.

@@ -34,6 +34,11 @@ def parse_args(argv=None):
     p.add_argument("--prefill-slice-factor", type=float, default=defaults.PREFILL_SLICE_FACTOR, metavar="F",
                    help="while other requests decode, each batch step prefills new prompts for about F decode steps, "
                         "so running streams wait at most ~(1+F)x their token time; 0 prefills in 512-token steps (default: %(default)s)")
+    p.add_argument("--kv-budget-bytes", type=int, default=0, metavar="BYTES",
+                   help="memory for the KV caches of running generate requests; a request starts only when its prompt + "
+                        "max_tokens fit beside the others, one that never could is refused (default: 0, from the machine's memory)")
+    p.add_argument("--max-context", type=int, default=0, metavar="TOKENS",
+                   help="cap every model's context (prompt + output) at this many tokens; longer prompts are refused (default: 0, the model's own)")
     p.add_argument("--distributed-hostfile", metavar="FILE",
                    help="serve each model sharded over the hosts in FILE (mlx.launch's JSON hostfile; this process is rank 0 and starts the others)")
     p.add_argument("--distributed-port", type=int, default=32323, metavar="PORT",
@@ -41,11 +46,10 @@ def parse_args(argv=None):
     p.add_argument("--distributed-sharding", choices=("auto", "tensor", "pipeline"), default="auto",
                    help="how models are split over the group (default: auto, tensor-parallel where the architecture has it)")
     p.add_argument("--follower", action="store_true", help=argparse.SUPPRESS)  # a group's other ranks (follower.py)
-    p.add_argument("--kv-budget-bytes", type=int, default=0, metavar="BYTES",
-                   help="memory for the KV caches of running generate requests; a request starts only when its prompt + "
-                        "max_tokens fit beside the others, one that never could is refused (default: 0, from the machine's memory)")
-    p.add_argument("--max-context", type=int, default=0, metavar="TOKENS",
-                   help="cap every model's context (prompt + output) at this many tokens; longer prompts are refused (default: 0, the model's own)")
+    p.add_argument("--idle-unload", type=float, default=0, metavar="SECONDS",
+                   help="unload a model unused this long; a later request naming it reloads it (default: 0, never)")
+    p.add_argument("--max-models", type=int, default=0, metavar="N",
+                   help="keep at most N models loaded, unloading the least recently used idle one first (default: 0, no limit)")
     p.add_argument("--version", action="version", version=f"mlx-sidecar {__version__}")
     return p.parse_args(argv)
 
@@ -88,6 +92,9 @@ def main(argv=None) -> int:
                     max_queue=args.max_queue, prompt_cache_bytes=args.prompt_cache_bytes,
                     image_options=image_options(args))
     server.engine.prefill_factor = max(0.0, args.prefill_slice_factor)
+    if args.idle_unload < 0 or args.max_models < 0:
+        raise SystemExit("mlx-sidecar: --idle-unload and --max-models must be >= 0")
+    server.engine.residency.idle_unload, server.engine.residency.max_models = args.idle_unload, args.max_models
     server.engine.admission.fixed_budget = args.kv_budget_bytes
     server.engine.admission.max_context = args.max_context
     install_signal_handlers(server)

@@ -24,9 +24,11 @@ class Context:
         self._versions = None
 
     def check_model(self, model_id: str) -> None:
-        """Fail fast for a model that is neither loaded nor being loaded; the engine looks it up
-        again in order, so `model/load` then `generate` can be pipelined."""
-        if model_id not in self.engine.models and not self.inflight.loading(model_id):
+        """Fail fast for a model that is neither loaded, nor being loaded, nor unloaded by
+        --idle-unload/--max-models (reloaded on demand); the engine looks it up again in order,
+        so `model/load` then `generate` can be pipelined."""
+        if model_id not in self.engine.models and not self.inflight.loading(model_id) \
+                and not self.engine.residency.knows(model_id):
             raise model_not_found(model_id)
 
     def versions(self) -> dict:

@@ -13,7 +13,10 @@ import time
 
 from . import blas, defaults, distributed
 from .admission import Admission
+from . import models as model_files
 from .errors import MODEL_UNLOADED, RpcError, internal
+from .loader import Loader
+from .residency import Residency
 from .runners import ModelRunner, cancelled_error
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,15 @@ class Engine:
         self._inbox: collections.deque = collections.deque()
         self._cv = threading.Condition()
         self._runners: dict = {}        # model id → runner
+        self.residency = Residency()    # --idle-unload and --max-models (residency.py); set by the CLI
+        self.make_reload = None         # make_reload(params, request) → a load job (methods/model.py); set by the server
+        self.generations_for = lambda model_id: 0  # generate requests admitted and not answered (inflight.py)
+        self._loader = Loader(lambda job: self._put(("read", job)))
+        self._jobs: collections.deque = collections.deque()     # loads being built, a piece per engine step
+        self._parked: dict = {}         # model id being loaded → the work that waits for it, in order
+        self._pending: collections.deque = collections.deque()  # work taken from the inbox, not yet run
+        self._step_s = 0.0              # how long the last runner steps took: a load piece's budget
+        self._residency_at = 0.0
         self._stopping = False
         self._memory_at = 0.0
         self._thread = threading.Thread(target=self._run, name="mlx-sidecar-engine", daemon=True)
@@ -52,6 +64,11 @@ class Engine:
 
     def generate(self, generation) -> None:
         self._put(("gen", generation))
+
+    def load(self, job) -> None:
+        """Queue a model load (methods/model.py's LoadJob): read on the loader thread, built here in
+        pieces between decode steps; work naming the model waits behind it, in order."""
+        self._put(("load", job))
 
     def stop(self) -> None:
         with self._cv:
@@ -91,43 +108,47 @@ class Engine:
         while True:
             with self._cv:
                 idle_since = None
-                while not self._inbox and not self._stopping and (not self._busy() or self._stalled()):
+                while not self._inbox and not self._pending and not self._jobs and not self._stopping \
+                        and (not self._busy() or self._stalled()):
                     # Idle, or paused because the host stopped reading (backpressure).
                     if self._busy():
                         self._cv.wait(0.01)
                     else:
+                        self.residency.track_busy(self._busy_ids())
+                        due = self.residency.idle_due(self.models)  # an idle unload (--idle-unload)
+                        if due is not None and due <= 0 and time.monotonic() - self._residency_at > 0.05:
+                            break
+                        due = None if due is None else max(due, 0.05)
                         idle_since = idle_since or time.monotonic()
                         left = IDLE_RELEASE_AFTER - (time.monotonic() - idle_since)
                         if left > 0:
-                            self._cv.wait(left)
+                            self._cv.wait(left if due is None else min(left, due))
                         else:
                             self._release_idle_memory()
-                            self._cv.wait(None)
-                items = list(self._inbox)
+                            self._cv.wait(due)
+                self._pending.extend(self._inbox)
                 self._inbox.clear()
                 stopping = self._stopping
-            for item in items:
-                if item[0] == "call":
-                    try:
-                        self._run_call(item[1], item[2])
-                    finally:
-                        if item[3] is not None:
-                            item[3]()
-                else:
-                    self._admit(item[1])
+            while self._pending:
+                self._take(self._pending.popleft())
             if stopping:
                 if self.group is not None:
                     self.group.stop()
                 for runner in self._runners.values():
                     runner.abort(lambda: cancelled_error("request cancelled: the runtime is stopping"))
                 return
+            if self._jobs:
+                self._run_jobs()
+            self._check_residency()
             if self._stalled():
                 continue
             if self.group is not None and not self.group.before_steps(self):
                 continue  # the group is broken: its requests were failed (distributed.py)
+            started = time.perf_counter()
             for runner in list(self._runners.values()):
                 if len(runner):
                     runner.step()
+            self._step_s = time.perf_counter() - started
             if time.monotonic() - self._memory_at > MEMORY_SNAPSHOT_EVERY:
                 self._snapshot_memory()
 
@@ -157,6 +178,119 @@ class Engine:
             log.exception("could not initialise mlx")
         finally:
             self.ready.set()
+
+    # ---- work in order, loads and residency (engine thread) ----
+    @staticmethod
+    def _model_of(item):
+        """The model id a piece of work names, if any."""
+        if item[0] in ("load", "read"):
+            return item[1].model_id
+        if item[0] == "gen":
+            return item[1].model_id
+        params = getattr(item[1], "params", None)
+        model_id = params.get("model") if isinstance(params, dict) else None
+        return model_id if isinstance(model_id, str) else None
+
+    def _take(self, item) -> None:
+        """Run one piece of work from the inbox, or park it behind the load of the model it names."""
+        kind = item[0]
+        if kind == "read":  # the loader has read a model: build it here, a piece per step
+            self._jobs.append(item[1])
+            return
+        model_id = self._model_of(item)
+        if model_id in self._parked:
+            self._parked[model_id].append(item)
+            return
+        if kind == "load":
+            self._start_load(item[1])
+            return
+        if model_id is not None and model_id not in self.models and self.make_reload is not None \
+                and not (kind == "call" and item[1].method == "model/unload"):
+            params = self.residency.reload_params(model_id)  # unloaded by --idle-unload/--max-models
+            if params is not None:
+                self._start_load(self.make_reload(params, item[1] if kind == "call" else item[1].req))
+                self._parked.setdefault(model_id, []).append(item)
+                return
+        if model_id in self.models:
+            self.residency.used(model_id)
+        if kind == "call":
+            try:
+                self._run_call(item[1], item[2])
+            finally:
+                if item[3] is not None:
+                    item[3]()
+        else:
+            self._admit(item[1])
+
+    def _start_load(self, job) -> None:
+        if job.begin(self):
+            return  # answered at once (already loaded, or an id clash)
+        self._parked[job.model_id] = []
+        others = [m for m in self.models if m != job.model_id]
+        for model_id in self.residency.over_limit(others, len(self._parked), self._in_use):
+            self._evict(model_id, "--max-models")
+        self._loader.submit(job)
+
+    def _run_jobs(self) -> None:
+        """Build loading models a piece at a time: about one decode step of work while others decode."""
+        deadline = time.perf_counter() + (self._step_s if self._busy() else 0.25)
+        while self._jobs:
+            job = self._jobs[0]
+            if job.step(self):
+                self._jobs.popleft()
+                self._unpark(job)
+            if time.perf_counter() >= deadline:
+                break
+
+    def _unpark(self, job) -> None:
+        """A load is over: the work that waited for it runs next, in order (after a failed reload
+        on demand it fails with the load's error)."""
+        waiting = self._parked.pop(job.model_id, [])
+        if job.is_reload and job.error is not None:
+            for item in [i for i in waiting if i[0] in ("call", "gen")]:
+                req = item[1] if item[0] == "call" else item[1].req
+                if req.try_start():
+                    req.fail(job.error)
+                if item[0] == "call" and item[3] is not None:
+                    item[3]()
+            waiting = [i for i in waiting if i[0] not in ("call", "gen")]
+        self._pending.extendleft(reversed(waiting))
+
+    def _in_use(self, model_id) -> bool:
+        """Requests in flight on a model: generations running or queued, other work queued, a load."""
+        runner = self._runners.get(model_id)
+        if (runner is not None and len(runner)) or model_id in self._parked or self.generations_for(model_id):
+            return True
+        with self._cv:
+            queued = list(self._inbox)
+        return any(self._model_of(item) == model_id for item in list(self._pending) + queued)
+
+    def _busy_ids(self) -> set:
+        return {m for m, r in self._runners.items() if len(r)}
+
+    def _check_residency(self) -> None:
+        """Unload models idle for --idle-unload seconds, and the least recently used past --max-models."""
+        self.residency.track_busy(self._busy_ids())
+        due = self.residency.idle_due(self.models)
+        if due is not None and due <= 0:
+            self._residency_at = time.monotonic()
+            for model_id in self.residency.idle(list(self.models), self._in_use):
+                self._evict(model_id, "idle")
+        for model_id in self.residency.over_limit(list(self.models), len(self._parked), self._in_use):
+            self._evict(model_id, "--max-models")
+
+    def _evict(self, model_id, why: str) -> None:
+        loaded = self.models.pop(model_id, None)
+        if loaded is None:
+            return
+        self.abort_model(model_id)  # nothing in flight: this drops its runner and prompt cache
+        self.residency.unloaded(model_id, loaded.info)
+        model_files.release(loaded)
+        self._snapshot_memory()
+        log.info("unloaded %r (%s); a request naming it reloads it", model_id, why)
+
+    def snapshot_memory(self) -> None:
+        self._snapshot_memory()
 
     def _run_call(self, req, fn) -> None:
         if not req.try_start():

@@ -75,6 +75,11 @@ class InFlight:
 
         return release
 
+    def generations(self, model_id: str) -> int:
+        """Generate requests on a model admitted and not yet answered (residency: never unload those)."""
+        with self._lock:
+            return self._generations.get(model_id, 0)
+
     # ---- model loads ----
     def load_queued(self, model_id: str) -> None:
         with self._lock:

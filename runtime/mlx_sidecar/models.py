@@ -10,6 +10,7 @@ import gc
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,7 +177,7 @@ def read(source: str, *, model_id: str, dtype: str, trust_remote_code: bool, dev
     prep.located = path, config = _locate(source, progress)
     from . import vision
 
-    if vision.is_vision_config(config) or config.get("model_file") or config.get("quantize_activations") \
+    if _sharded() or vision.is_vision_config(config) or config.get("model_file") or config.get("quantize_activations") \
             or (config.get("quantization_config") and not config.get("quantization")):
         return prep  # mlx-vlm, custom model code, legacy quantization formats: mlx's own loaders, on the engine
     from mlx_lm.utils import load_config, load_tokenizer
@@ -191,6 +192,11 @@ def read(source: str, *, model_id: str, dtype: str, trust_remote_code: bool, dev
     progress(0.3, "reading weights")
     prep.weights, prep.dequantized = _read_weights(path, source, config, _target_dtype(dtype, device_type), progress, cancelled)
     return prep
+
+
+def _sharded() -> bool:
+    # Models sharded over a distributed group load through distributed.py, in one piece.
+    return getattr(sys.modules.get(f"{__package__}.distributed"), "GROUP", None) is not None
 
 
 def _read_weights(path: Path, source: str, config: dict, want, progress, cancelled):
@@ -295,6 +301,7 @@ def build(prep: Prepared):
             group, size = [], 0
             yield
     mx.eval(group)
+    yield  # measuring it (the KV cost runs the model once) is a piece of its own
     quant = None if prep.dequantized or want is not None else mcfg.get("quantization")
     return LoadedModel(id=prep.model_id, source=prep.source, path=path, kind="llm", model=model, tokenizer=prep.tokenizer,
                        config=config, info=_info(prep.model_id, path, config, "llm", model, quant, prep.started,

@@ -44,6 +44,11 @@ class Server:
         from .images import Options
 
         self.ctx.images = image_options if image_options is not None else Options()
+        from .methods.model import reload_job
+
+        # Models unloaded by --idle-unload/--max-models come back when a request names them.
+        self.engine.make_reload = lambda params, trigger: reload_job(self.ctx, params, trigger)
+        self.engine.generations_for = self.inflight.generations
         # $/metrics every initialize.metrics_interval_ms, sent from its own thread.
         self.ctx.metrics_ticker = metrics.Ticker(lambda: snapshot(self.ctx), lambda msg: self.ctx.writer.send(msg),
                                                  stalled=lambda: self.ctx.writer is None or self.ctx.writer.stalled())

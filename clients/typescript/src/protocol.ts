@@ -172,6 +172,8 @@ export interface ModelInfo {
   load_ms: number;
   /** Default tokens per generate/chunk for this model, chosen by its size. */
   chunk_tokens: number;
+  /** unloaded: unloaded by --idle-unload or --max-models and kept in model/list; a request naming it reloads it (with $/progress under that request's id). */
+  state?: "loaded" | "unloaded";
   /** KV cache bytes one token of context costs (all layers, keys and values), read from mlx-lm's caches. Admission reserves prompt + max_tokens of it per request. */
   kv_bytes_per_token?: number;
   /** Vision models only: what the model's processor accepts. */

@@ -4,7 +4,7 @@ import logging
 import sys
 
 from .. import models
-from ..errors import INVALID_PARAMS, RpcError, model_not_found
+from ..errors import INVALID_PARAMS, RpcError, internal, model_not_found
 from . import PENDING
 
 log = logging.getLogger(__name__)
@@ -39,53 +39,132 @@ def load(ctx, req):
 
 
 def queue_load(ctx, req, source, model_id) -> None:
-    """Queue a load on the engine; until it has run, generate and tokenize for model_id may queue behind it."""
+    """Queue a load; until it is answered, generate and tokenize for model_id wait behind it (the
+    engine parks them in order), so `model/load` then `generate` can be pipelined."""
     ctx.inflight.load_queued(model_id)
+    ctx.engine.load(LoadJob(ctx, req, source, model_id, dict(req.params),
+                            always=lambda: ctx.inflight.load_done(model_id)))
 
-    ctx.engine.call(req, lambda engine: _load(ctx, engine, req, source, model_id),
-                    always=lambda: ctx.inflight.load_done(model_id))
+
+def reload_job(ctx, params: dict, trigger):
+    """A load that brings back a model unloaded by --idle-unload/--max-models, for the request
+    `trigger` naming it; $/progress goes to that request's id."""
+    model_id = params.get("id", params["model"])
+    ctx.inflight.load_queued(model_id)
+    return LoadJob(ctx, _Reload(trigger, model_id), params["model"], model_id, params,
+                   always=lambda: ctx.inflight.load_done(model_id), title=f"Reloading {model_id}")
 
 
-def _load(ctx, engine, req, source, model_id):
-    info = _already(ctx, model_id, source, getattr(req, "params", None))  # an identical load queued earlier may have done it
-    if info is not None:
-        return info
-    progress = ctx.progress_reporter(req, f"Loading {source}")
-    try:
-        loaded = models.load(
-            source, model_id=model_id,
-            dtype=req.params.get("dtype", "auto"),
-            trust_remote_code=req.params.get("trust_remote_code", False),
-            device_type=engine.device["type"],
-            progress=progress,
-        )
-    except Exception:
-        progress(1.0, "failed", end=True)
-        raise
-    if "draft_model" in req.params:
+class LoadJob:
+    """One model load: `begin` on the engine thread (in order with other work), `read` on the loader
+    thread, then `step` on the engine thread once per piece until it is answered."""
+
+    def __init__(self, ctx, req, source, model_id, params, always=None, title=None):
+        self.ctx, self.req, self.source, self.model_id, self.params = ctx, req, source, model_id, params
+        self.is_reload = isinstance(req, _Reload)
+        self.error = None
+        self.over = False
+        self._always = always
+        self._title = title or f"Loading {source}"
+        self._progress = None
+        self._main = self._draft = None
+        self._pieces = None
+
+    # ---- engine thread ----
+    def begin(self, engine) -> bool:
+        """True when answered at once (an identical load already done, or a clash)."""
         try:
-            _attach_draft(loaded, req.params, engine, progress)
-        except Exception:
-            models.release(loaded)
-            progress(1.0, "failed", end=True)
-            raise
-    progress(1.0, "done", end=True)
-    if loaded.kind == "vision" and ctx.images is not None:
-        loaded.info["vision"].update(max_image_side=ctx.images.max_side, max_images=ctx.images.max_images)
-    engine.models[model_id] = loaded
-    log.info("loaded %s as %r in %.0f ms", source, model_id, loaded.info["load_ms"])
-    return loaded.info
+            info = _already(self.ctx, self.model_id, self.source, None if self.is_reload else self.params)
+        except RpcError as e:
+            self._end(error=e)
+            return True
+        if info is not None:
+            if self.req.try_start():
+                self.req.respond(info)
+            self._end()
+            return True
+        self._device = engine.device["type"]
+        return False
+
+    def step(self, engine) -> bool:
+        """One piece of the build; True once the load is answered."""
+        if self.over:
+            return True
+        if self._pieces is None:
+            if self._main is None:  # cancelled while queued, or the read failed
+                self._end(error=self.error)
+                return True
+            self._pieces = self._build(engine)
+        try:
+            next(self._pieces)
+            return False
+        except StopIteration as done:
+            loaded = done.value
+        except Exception as e:
+            if not isinstance(e, RpcError):
+                log.exception("model/load failed")
+                e = internal("model/load", e)
+            self._end(error=e)
+            return True
+        if loaded.kind == "vision" and self.ctx.images is not None:
+            loaded.info["vision"].update(max_image_side=self.ctx.images.max_side, max_images=self.ctx.images.max_images)
+        engine.models[self.model_id] = loaded
+        engine.residency.loaded(self.model_id, self.params)
+        engine.snapshot_memory()  # before answering, so runtime/info right after sees the new model
+        log.info("loaded %s as %r in %.0f ms", self.source, self.model_id, loaded.info["load_ms"])
+        self._progress(1.0, "done", end=True)
+        self.req.respond(loaded.info)
+        self._end()
+        return True
+
+    def _build(self, engine):
+        loaded = yield from models.build(self._main)
+        if self._draft is not None:
+            self._progress(0.9, f"building draft {self.params['draft_model']}")
+            try:
+                draft = yield from models.build(self._draft)
+                _attach_draft(loaded, draft, self.params)
+            except Exception:
+                models.release(loaded)
+                raise
+        return loaded
+
+    def _end(self, error=None) -> None:
+        self.over = True
+        if error is not None:
+            self.error = error
+            if self._progress is not None:
+                self._progress(1.0, "failed", end=True)
+            self.req.fail(error)
+        if self._always is not None:
+            self._always()
+
+    # ---- loader thread ----
+    def read(self) -> None:
+        if not self.req.try_start():
+            return  # cancelled while queued: already answered
+        self._progress = self.ctx.progress_reporter(self.req, self._title)
+        opts = dict(dtype=self.params.get("dtype", "auto"), trust_remote_code=self.params.get("trust_remote_code", False),
+                    device_type=self._device, cancelled=lambda: self.req.cancel_requested)
+        try:
+            main = models.read(self.source, model_id=self.model_id, progress=self._progress, **opts)
+            if "draft_model" in self.params:
+                self._progress(0.8, f"loading draft {self.params['draft_model']}")
+                self._draft = models.read(self.params["draft_model"], model_id=f"{self.model_id}#draft",
+                                          progress=lambda *a, **k: None, **opts)
+            self._main = main
+        except RpcError as e:
+            self.error = e
+        except Exception as e:
+            log.exception("model/load failed")
+            self.error = internal("model/load", e)
 
 
-def _attach_draft(loaded, params, engine, progress) -> None:
-    """Load the draft model and keep it on the target once its tokenizer is known to match."""
+def _attach_draft(loaded, draft, params) -> None:
+    """Keep the draft model on the target once its tokenizer is known to match."""
     from .. import speculative
 
     source = params["draft_model"]
-    progress(0.8, f"loading draft {source}")
-    draft = models.load(source, model_id=f"{loaded.id}#draft", dtype=params.get("dtype", "auto"),
-                        trust_remote_code=params.get("trust_remote_code", False),
-                        device_type=engine.device["type"], progress=lambda *a, **k: None)
     try:
         speculative.check_compatible(loaded, draft, source)
     except Exception:
@@ -94,6 +173,28 @@ def _attach_draft(loaded, params, engine, progress) -> None:
     loaded.draft = draft
     loaded.info["draft"] = {"model": source, "path": str(draft.path), "parameters": draft.info["parameters"],
                             "num_draft_tokens": params.get("num_draft_tokens", speculative.DEFAULT_DRAFT_TOKENS)}
+
+
+class _Reload:
+    """The request behind a reload on demand: progress under the id of the request that needed the
+    model; the answer goes to the log (that request gets the model, or the load's error)."""
+
+    method = "model/load"
+    cancel_requested = False
+
+    def __init__(self, trigger, model_id):
+        self.id = trigger.id
+        self.is_notification = trigger.is_notification
+        self.model_id = model_id
+
+    def try_start(self):
+        return True
+
+    def respond(self, result, buf=None):
+        pass
+
+    def fail(self, error, buf=None):
+        log.error("could not reload %s: %s", self.model_id, error.message)
 
 
 def unload(ctx, req):
@@ -105,7 +206,11 @@ def unload(ctx, req):
 
 def _unload(engine, model_id):
     loaded = engine.models.pop(model_id, None)
+    known = engine.residency.knows(model_id)
+    engine.residency.forget(model_id)  # unloaded by the host: not reloaded on demand
     if loaded is None:
+        if known:
+            return {"id": model_id}
         raise model_not_found(model_id)
     engine.abort_model(model_id)
     models.release(loaded)
@@ -113,4 +218,7 @@ def _unload(engine, model_id):
 
 
 def list_models(ctx, req):
-    return {"models": [m.info for m in list(ctx.engine.models.values())]}
+    """Loaded models, then those unloaded by --idle-unload/--max-models (reloaded on demand)."""
+    loaded = [m.info for m in list(ctx.engine.models.values())]
+    ids = {m["id"] for m in loaded}
+    return {"models": loaded + [m for m in ctx.engine.residency.unloaded_infos() if m["id"] not in ids]}

@@ -1,0 +1,88 @@
+"""Load-while-serving stall: what a running stream on model A feels while model B loads.
+
+    .venv/bin/python bench/load_stall.py [--a-preset small] [--b default|small|PATH] [--runs 3]
+
+One stream decodes on A (a chunk per token); after 8 of its tokens `model/load` for B is sent.
+Reported per run: A's median gap before the load, its worst gap while B loads (÷ median), A's tokens
+during the load, and B's load time. Each run uses a fresh runtime; the old path (the whole load on
+the engine thread) is measured with MLX_SIDECAR_LOAD_ON_ENGINE=1 when --compare is given."""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "runtime"))
+
+from mlx_sidecar.testing import make_model  # noqa: E402
+from mlx_sidecar.testing.pipe import Pipe  # noqa: E402
+
+STREAM = {"chunk_tokens": 1, "max_latency_ms": 0}
+
+
+def one(a_model, b_model, env=None):
+    p = Pipe("ndjson", args=["--prompt-cache-bytes", "0"], env=env, check_schemas=False)
+    p.request("model/load", {"model": a_model, "id": "a"}, timeout=600)
+    run = p.start("generate", {"model": "a", "prompt": "Tell me a story.", "max_tokens": 100000, "stream_options": STREAM})
+    times, answered = [], {}
+    load_id = load_sent = load_done = None
+    while load_done is None or len([t for t in times if t > load_done]) < 4:
+        msg = p.recv(600)
+        if "id" in msg:
+            answered[msg["id"]] = msg
+            if msg["id"] == load_id:
+                load_done = time.monotonic()
+                assert "result" in msg, msg
+        if msg.get("method") == "generate/chunk" and msg["params"]["id"] == run:
+            times.append(time.monotonic())
+            if len(times) == 8 and load_id is None:
+                load_sent = time.monotonic()
+                load_id = p.start("model/load", {"model": b_model, "id": "b"})
+    p.notify("$/cancelRequest", {"id": run})
+    if run not in answered:
+        p.wait(run, 600)
+    p.close()
+    before = [b - a for a, b in zip(times, times[1:]) if b <= load_sent]
+    during = [b - a for a, b in zip(times, times[1:]) if b > load_sent and a < load_done] or [0.0]
+    median = statistics.median(before)
+    return {"median_gap_ms": round(median * 1000, 1), "worst_gap_ms": round(max(during) * 1000, 1),
+            "worst_over_median": round(max(during) / median, 1), "load_s": round(load_done - load_sent, 2),
+            "a_tokens_during_load": sum(1 for t in times if load_sent < t <= load_done)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--a-preset", default="small", help="model A, the one streaming (testing preset)")
+    ap.add_argument("--b", default="small", help="model B, the one loading: default (the built-in model), a preset, or a path")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--compare", action="store_true", help="also measure the old path (the whole load on the engine thread)")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="load-stall-")
+    a_model = str(make_model(os.path.join(tmp, "a"), preset=args.a_preset))
+    b_model = args.b
+    if b_model in ("tiny", "small"):
+        b_model = str(make_model(os.path.join(tmp, "b"), preset=b_model))
+    modes = [("off the engine thread", None)]
+    if args.compare:
+        modes.insert(0, ("on the engine thread (old)", dict(os.environ, MLX_SIDECAR_LOAD_ON_ENGINE="1")))
+    rows = []
+    for _ in range(args.runs):
+        for name, env in modes:  # alternate, so machine noise hits both
+            rows.append(dict(one(a_model, b_model, env), mode=name))
+    print(f"A: {args.a_preset} preset streaming; B: {args.b} loading")
+    print("| load path | A median gap | A worst gap during load | worst ÷ median | A tokens during load | B load time |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['mode']} | {r['median_gap_ms']} ms | {r['worst_gap_ms']} ms | {r['worst_over_median']} | "
+              f"{r['a_tokens_during_load']} | {r['load_s']} s |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
