@@ -150,8 +150,52 @@ def test_cancel_in_a_group_leaves_it_in_step(tensor_group, serve):
     out = collect(p, [victim, keep])
     assert out[victim][0]["error"]["code"] == -32800
     assert out[keep][0]["result"]["usage"]["completion_tokens"] == 40
+    # keep joined while victim ran alone: victim moved into a batch mid-stream on both ranks.
+    assert out[keep][0]["result"]["text"] == one_process_texts(serve, model, [{"model": "m", "prompt": PROMPTS[1], "max_tokens": 40, "temperature": 0}])[0]
     # Still in step after the cancel: a fresh greedy request matches one process.
     q = {"model": "m", "prompt": PROMPTS[2], "max_tokens": 30, "temperature": 0}
+    assert p.request("generate", {**q, "stream": False})[0]["result"]["text"] == one_process_texts(serve, model, [q])[0]
+
+
+def test_rank_0_features_match_one_process(tensor_group, serve):
+    # Stop strings, response_format masks, logprobs and penalties run on rank 0 only; the ranks stay
+    # in step because rank 1 feeds rank 0's tokens. Requests go together, so they share a batch.
+    p, model = tensor_group
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}, "n": {"type": "integer"}},
+              "required": ["color", "n"], "additionalProperties": False}
+    base = {"model": "m", "max_tokens": 40, "temperature": 0, "stream": False}
+    alone = p.request("generate", {**base, "prompt": PROMPTS[0]})[0]["result"]["text"]
+    params = [
+        {**base, "prompt": PROMPTS[0], "stop": [alone[6:10]]},
+        {**base, "prompt": "Answer in JSON.", "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": schema}}},
+        {**base, "prompt": PROMPTS[1], "logprobs": True, "top_logprobs": 2, "repetition_penalty": 1.3, "logit_bias": {"196": -100}},
+    ]
+    ids = [p.start("generate", q) for q in params]
+    out = collect(p, ids)
+    ref = serve()
+    assert "result" in ref.request("model/load", {"model": model, "id": "m"})[0]
+    wants = [ref.request("generate", q)[0]["result"] for q in params]
+    for i, want in zip(ids, wants):
+        got = out[i][0]["result"]
+        assert got["text"] == want["text"] and got["finish_reason"] == want["finish_reason"]
+    assert out[ids[0]][0]["result"]["finish_reason"] == "stop" and len(out[ids[0]][0]["result"]["text"]) < len(alone)
+    assert json.loads(out[ids[1]][0]["result"]["text"])["color"] in ("red", "green", "blue")
+    got_lp = out[ids[2]][0]["result"]["logprobs"]["content"]
+    want_lp = wants[2]["logprobs"]["content"]
+    assert [t["token"] for t in got_lp] == [t["token"] for t in want_lp]
+    assert all(abs(a["logprob"] - b["logprob"]) < 1e-3 for a, b in zip(got_lp, want_lp))
+    # The same prompt again is served from the prompt cache on every rank.
+    again = p.request("generate", {**base, "prompt": PROMPTS[0]})[0]["result"]
+    assert again["text"] == alone and again["usage"].get("cached_tokens", 0) > 0
+
+
+def test_unload_and_reload_in_a_group(tensor_group, serve):
+    p, model = tensor_group
+    assert "result" in p.request("model/unload", {"model": "m"})[0]
+    assert group_info(p)["sharding"] == {}
+    assert p.request("generate", {"model": "m", "prompt": "x", "max_tokens": 2})[0]["error"]["code"] == -32000
+    assert "result" in p.request("model/load", {"model": model, "id": "m"}, timeout=90)[0]
+    q = {"model": "m", "prompt": PROMPTS[3], "max_tokens": 25, "temperature": 0}
     assert p.request("generate", {**q, "stream": False})[0]["result"]["text"] == one_process_texts(serve, model, [q])[0]
 
 

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import msgpack
 
@@ -33,6 +34,7 @@ GROUP = None                # the Leader when this process is rank 0 of a group;
 CONNECT_TIMEOUT = 120.0     # seconds for followers to start and join
 LOAD_CHECK_TIMEOUT = 60.0   # seconds for followers to find a model's files
 MEMORY_EVERY = 0.5          # seconds between a busy follower's memory reports
+WATCHDOG_S = 5.0            # seconds a broken group's engine may stay inside a collective
 _LOCAL = {"localhost", "127.0.0.1", "::1", socket.gethostname()}
 
 
@@ -86,7 +88,7 @@ def sharded_load(path, group, sharding: str, trust_remote_code: bool):
     """mlx-lm's sharded_load with the group and kind chosen here; returns (model, tokenizer, kind)."""
     from mlx_lm.utils import sharded_load as mlx_sharded_load
 
-    kind = pick_sharding(path, sharding)
+    kind = sharding if sharding in ("tensor", "pipeline") else pick_sharding(path, sharding)
     if kind == "tensor":
         model, tok = mlx_sharded_load(str(path), tensor_group=group, trust_remote_code=trust_remote_code)
     else:
@@ -95,15 +97,21 @@ def sharded_load(path, group, sharding: str, trust_remote_code: bool):
 
 
 def pick_sharding(path, sharding: str) -> str:
-    """auto: tensor-parallel when the architecture can, else pipeline (which needs an index file)."""
-    if sharding != "auto":
-        return sharding
+    """auto: tensor-parallel when the architecture can, else pipeline (which needs an index file).
+    Raises ValueError when the architecture cannot be split the way asked."""
     from mlx_lm.utils import load_model
 
     model, _ = load_model(path, lazy=True, strict=False)
-    if hasattr(model, "shard"):
-        return "tensor"
-    return "pipeline"
+    tensor = hasattr(model, "shard")
+    pipeline = hasattr(model, "model") and hasattr(model.model, "pipeline")
+    kind = sharding if sharding != "auto" else ("tensor" if tensor else "pipeline")
+    if kind == "tensor" and not tensor:
+        raise ValueError("its architecture has no tensor-parallel split (mlx-lm's shard); try --distributed-sharding pipeline")
+    if kind == "pipeline" and not pipeline:
+        raise ValueError("its architecture cannot be pipelined by mlx-lm" + ("; try --distributed-sharding tensor" if tensor else ""))
+    if kind == "pipeline" and not (Path(path) / "model.safetensors.index.json").is_file():
+        raise ValueError("pipeline sharding needs model.safetensors.index.json in the model directory")
+    return kind
 
 
 def settle(loaded):
@@ -171,8 +179,10 @@ class Leader:
         self.sent_bytes = 0              # side-channel bytes, for the benchmark
         self._live: dict = {}            # gid → Generation admitted and not yet reported ended
         self._next_gid = 0
+        self._steps = 0                  # engine steps begun: the watchdog's sign of life
         self._samplers: dict = {}        # id(sampler) → (sampler, _Broadcast): kept alive so ids stay unique
         self._replies: queue.Queue = queue.Queue()
+        self._peer_lost = threading.Event()  # a side channel closed: the cause of a failed collective
         self._lock = threading.Lock()
         self._ring_file = None
         self._listener = None
@@ -255,6 +265,7 @@ class Leader:
                     except subprocess.TimeoutExpired:
                         pass
                 self._break(f"rank {peer.rank} ({peer.host}) left the group" + (f" (exit code {code})" if code is not None else ""))
+                self._peer_lost.set()
                 self._replies.put((peer.rank, None))
                 return
             if msg.get("op") == "memory":
@@ -264,10 +275,23 @@ class Leader:
 
     def _break(self, why: str) -> None:
         with self._lock:
-            if self.broken is None:
-                self.broken = why
-                self.state = "broken"
-                log.error("distributed group broken: %s", why)
+            if self.broken is not None:
+                return
+            self.broken = why
+            self.state = "broken"
+        log.error("distributed group broken: %s", why)
+        threading.Thread(target=self._watchdog, args=(self._steps,), name="mlx-sidecar-group-watchdog", daemon=True).start()
+
+    def _watchdog(self, steps: int) -> None:
+        """If the engine thread is stuck inside a collective that never fails, answer its requests
+        from here (a request is answered once: the later answer is dropped)."""
+        time.sleep(WATCHDOG_S)
+        if self._steps != steps or not self._live:
+            return
+        log.error("the engine has not come back from a collective in %.0f s; failing its requests", WATCHDOG_S)
+        for gen in list(self._live.values()):
+            if not gen.done:
+                gen.req.inner.fail(self.broken_error(), gen.buf)
 
     def _send(self, obj) -> None:
         for peer in self.peers:
@@ -290,11 +314,10 @@ class Leader:
             raise RpcError(MODEL_LOAD_FAILED, f"the distributed group is broken ({self.broken}); restart the runtime", type="model_load_failed", model=source)
         try:
             kind = pick_sharding(path, self.sharding)
+        except ValueError as e:
+            raise RpcError(MODEL_LOAD_FAILED, f"{source!r} cannot be sharded over the group: {e}", type="unsupported_architecture", model=source) from None
         except Exception as e:
             raise RpcError(MODEL_LOAD_FAILED, f"could not load {source!r}: {e}", type="invalid_model", model=source) from None
-        if kind == "pipeline" and not (path / "model.safetensors.index.json").is_file():
-            raise RpcError(MODEL_LOAD_FAILED, f"{source!r} cannot be sharded: its architecture has no tensor-parallel "
-                           "split, and pipeline sharding needs model.safetensors.index.json", type="unsupported_architecture", model=source)
         while not self._replies.empty():
             self._replies.get_nowait()
         self._send({"op": "load", "path": str(path), "id": model_id, "sharding": kind, "dtype": dtype,
@@ -350,7 +373,8 @@ class Leader:
         def failed(error, _finish=finish_error):
             # A collective that failed means a rank is gone: say so, and stop serving.
             if error.code == GENERATION_FAILED and ("[ring]" in error.message or self.broken is not None):
-                self._break(self.broken or "a peer was lost during generation")
+                self._peer_lost.wait(2.0)  # the side channel usually tells which rank left
+                self._break("a peer was lost during generation")
                 error.message = f"generation failed: the distributed group is broken ({self.broken}); restart the runtime"
                 error.data["group_broken"] = True
             elif error.code == GENERATION_FAILED and error.message.startswith("generation failed:"):
@@ -363,6 +387,7 @@ class Leader:
 
     def before_steps(self, engine) -> bool:
         """Engine thread, before it steps the runners: False when nothing may run (group broken)."""
+        self._steps += 1
         if self.broken is not None:
             for mid in list(engine._runners):
                 engine._runners.pop(mid).abort(self.broken_error)

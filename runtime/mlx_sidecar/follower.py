@@ -112,7 +112,12 @@ class Follower:
         import json
 
         started = time.perf_counter()
-        model, tok, _ = distributed.sharded_load(path, self.group, msg["sharding"], msg["trust_remote_code"])
+        try:
+            model, tok, _ = distributed.sharded_load(path, self.group, msg["sharding"], msg["trust_remote_code"])
+        except Exception:
+            # Rank 0 fails the same way (same files, same checks) and answers the host; stay in the group.
+            log.exception("rank %d: could not load %s", self.rank, path)
+            return
         config = json.loads((path / "config.json").read_text())
         self.models[msg["id"]] = distributed.settle(models._finish(str(path), msg["id"], path, config, "llm", model, tok, None,
                                                 msg["dtype"], "cpu" if _device_type() == "cpu" else "gpu", started))

@@ -8,6 +8,9 @@ from . import PENDING
 
 def generate(ctx, req):
     ctx.check_model(req.params["model"])
+    group = getattr(ctx.engine, "group", None)
+    if group is not None and group.broken is not None:
+        raise group.broken_error()  # at once, even if the engine is stuck in a collective (distributed.py)
     plan = tools.plan(req.params)  # tools, tool_choice and tool messages: -32602 before anything starts
     req.on_done = ctx.inflight.admit_generation(req.params["model"])
     req.partial = {"finish_reason": "cancelled", "text": "",
