@@ -6,7 +6,13 @@ factors (--prefill-slice-factor), through the real runtime.
 For each factor: one stream decodes (chunk per token); after 8 of its tokens a long prompt is sent.
 Reported: the stream's median gap before the join, its worst gap while the long prompt prefills
 (÷ median), the long prompt's time to first token (÷ its time alone, same runtime and factor), and
-both requests' tokens per second."""
+both requests' tokens per second.
+
+    .venv/bin/python bench/head_of_line.py --slice-costs [--default-model | --preset small]
+
+In-process, no runtime: what one forward of k prompt tokens costs at a given context (median of 5),
+and a one-token step at context 16 (a running stream's decode step). A paced step runs the decode
+step and the slice as two forwards, so a running stream's gap is at least the two together."""
 
 import argparse
 import json
@@ -17,6 +23,10 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "runtime"))
+
+from mlx_sidecar import blas  # noqa: E402
+
+blas.preload()  # --slice-costs runs MLX here: the same BLAS as the runtime, before mlx.core loads
 
 from mlx_sidecar.testing import make_model  # noqa: E402
 from mlx_sidecar.testing.pipe import Pipe  # noqa: E402
@@ -87,6 +97,41 @@ def one(model, factor, tokens):
             "stream_tokens_during_prefill": sum(1 for t in times if long_sent < t <= long_first)}
 
 
+def slice_costs(model_dir, contexts=(16, 1000, 2000, 2500), sizes=(1, 16, 64, 256)) -> None:
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+    if model_dir == "default":
+        import smollm2_speed as sm
+        from mlx_sidecar.sources import resolve
+
+        model, _ = sm.load_model(resolve("default"), "float32")  # as the runtime loads it on a CPU
+    else:
+        from mlx_lm import load
+
+        model, _ = load(model_dir)
+
+    def forward_ms(cache, k):
+        times = []
+        for _ in range(5):
+            started = time.perf_counter()
+            model(mx.array([[7] * k]), cache=cache)
+            mx.eval([c.state for c in cache])
+            times.append(time.perf_counter() - started)
+            trim_prompt_cache(cache, k)  # back to the same context for the next try
+        return statistics.median(times) * 1000
+
+    print("| context | " + " | ".join(f"{k} tokens" for k in sizes) + " |")
+    print("| ---: |" + " ---: |" * len(sizes))
+    for ctx in contexts:
+        cache = make_prompt_cache(model)
+        ids = mx.array([[5 + i % 300 for i in range(ctx)]])
+        for i in range(0, ctx, 512):
+            model(ids[:, i:i + 512], cache=cache)
+            mx.eval([c.state for c in cache])
+        print(f"| {ctx} | " + " | ".join(f"{forward_ms(cache, k):.1f} ms" for k in sizes) + " |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--default-model", action="store_true")
@@ -94,6 +139,7 @@ def main():
     ap.add_argument("--prompt-tokens", type=int, default=2500)
     ap.add_argument("--factors", default="0,0.5,1,2,4")
     ap.add_argument("--json")
+    ap.add_argument("--slice-costs", action="store_true", help="in-process forward costs by slice size and context")
     args = ap.parse_args()
     if args.default_model:
         from mlx_sidecar import sources
@@ -102,6 +148,8 @@ def main():
         _ = sources
     else:
         model = str(make_model(tempfile.mkdtemp(prefix="hol-"), preset=args.preset))
+    if args.slice_costs:
+        return slice_costs(model)
     rows = [one(model, float(f), args.prompt_tokens) for f in args.factors.split(",")]
     print("| factor | median gap | worst gap | worst ÷ median | stream tokens during prefill | long TTFT | alone | ÷ alone |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
