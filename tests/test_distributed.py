@@ -46,11 +46,11 @@ def qwen_model(tmp_path_factory) -> str:
     return str(make_pipeline_model(tmp_path_factory.mktemp("qwen2")))
 
 
-def start_group(hostfile, model, sharding="auto"):
+def start_group(hostfile, model, sharding="auto", env=None):
     from mlx_sidecar.testing.pipe import Pipe
 
     p = Pipe(args=["--distributed-hostfile", hostfile, "--distributed-port", str(_free_base_port()),
-                   "--distributed-sharding", sharding])
+                   "--distributed-sharding", sharding], env=env)
     answer, _ = p.request("model/load", {"model": model, "id": "m"}, timeout=90)
     assert "result" in answer, answer
     return p
@@ -260,3 +260,26 @@ def test_a_killed_follower_fails_requests_clearly(hostfile, tiny_model):
         assert "result" in p.request("runtime/ping")[0]
     finally:
         p.close()
+
+
+def test_a_stuck_follower_fails_requests_instead_of_hanging(hostfile, tiny_model):
+    # A stopped follower keeps its sockets open: rank 0 waits inside a collective until the missing
+    # heartbeat (3 s here) breaks the group and the watchdog answers the stream.
+    p = start_group(hostfile, tiny_model, env={"MLX_SIDECAR_GROUP_TIMEOUT": "3"})
+    follower = group_info(p)["ranks"][1]["pid"]
+    try:
+        running = p.start("generate", {"model": "m", "prompt": "long", "max_tokens": 100000, "temperature": 0,
+                                       "stream_options": {"chunk_tokens": 1}})
+        chunks = 0
+        while chunks < 5:  # past token 0, where mlx-lm's clear_cache waits holding the GIL (docs/distributed.md)
+            chunks += p.recv().get("method") == "generate/chunk"
+        os.kill(follower, signal.SIGSTOP)
+        answer, _ = p.wait(running, timeout=40)
+        assert answer["error"]["code"] == -32004 and "stopped answering" in answer["error"]["message"]
+        info = group_info(p)
+        assert info["state"] == "broken" and "rank 1" in info["error"]
+        assert p.request("generate", {"model": "m", "prompt": "x", "max_tokens": 2})[0]["error"]["code"] == -32004
+    finally:
+        os.kill(follower, signal.SIGKILL)
+        p.proc.kill()
+        p.proc.wait()

@@ -35,6 +35,8 @@ CONNECT_TIMEOUT = 120.0     # seconds for followers to start and join
 LOAD_CHECK_TIMEOUT = 60.0   # seconds for followers to find a model's files
 MEMORY_EVERY = 0.5          # seconds between a busy follower's memory reports
 WATCHDOG_S = 5.0            # seconds a broken group's engine may stay inside a collective
+HEARTBEAT_S = 1.0           # a follower says it is alive this often, busy or idle
+SILENCE_S = float(os.environ.get("MLX_SIDECAR_GROUP_TIMEOUT", "15"))  # then a silent rank counts as gone
 _LOCAL = {"localhost", "127.0.0.1", "::1", socket.gethostname()}
 
 
@@ -59,6 +61,8 @@ def _exact(sock, n: int):
     while len(buf) < n:
         try:
             part = sock.recv(n - len(buf))
+        except TimeoutError:
+            raise
         except OSError:
             return None
         if not part:
@@ -255,8 +259,16 @@ class Leader:
 
     # ---- the followers' messages (one thread each) ----
     def _listen(self, peer: _Peer) -> None:
+        peer.sock.settimeout(SILENCE_S)
         while True:
-            msg = recv_msg(peer.sock)
+            try:
+                msg = recv_msg(peer.sock)
+            except TimeoutError:
+                # Alive but stuck (stopped, swapping): rank 0 may be waiting for it inside a collective.
+                self._break(f"rank {peer.rank} ({peer.host}) stopped answering (no heartbeat for {SILENCE_S:.0f} s)")
+                self._peer_lost.set()
+                self._replies.put((peer.rank, None))
+                return
             if msg is None:
                 code = peer.proc.poll() if peer.proc is not None else None
                 if code is None and peer.proc is not None:
@@ -270,7 +282,7 @@ class Leader:
                 return
             if msg.get("op") == "memory":
                 peer.memory = msg["memory"]
-            else:
+            elif msg.get("op") != "alive":
                 self._replies.put((peer.rank, msg))
 
     def _break(self, why: str) -> None:

@@ -10,6 +10,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 
 from . import blas, defaults, distributed, models
@@ -78,6 +79,21 @@ class Follower:
         self.gens: dict = {}       # gid → _Stand
         self.samplers: dict = {}   # rank 0's sampler key → _Receive
         self._memory_at = 0.0
+        self._send_lock = threading.Lock()
+        threading.Thread(target=self._heartbeat, name="mlx-sidecar-heartbeat", daemon=True).start()
+
+    def send(self, obj) -> None:
+        with self._send_lock:
+            distributed.send_msg(self.sock, obj)
+
+    def _heartbeat(self) -> None:
+        # Tells rank 0 this process is alive even while it waits inside a collective (MLX releases the GIL).
+        while True:
+            time.sleep(distributed.HEARTBEAT_S)
+            try:
+                self.send({"op": "alive"})
+            except OSError:
+                return
 
     def run(self) -> int:
         config = distributed.recv_msg(self.sock)
@@ -106,9 +122,9 @@ class Follower:
 
         path = Path(msg["path"])
         if not (path / "config.json").is_file():
-            distributed.send_msg(self.sock, {"op": "ready", "ok": False, "error": f"{path} has no config.json on this machine"})
+            self.send({"op": "ready", "ok": False, "error": f"{path} has no config.json on this machine"})
             return
-        distributed.send_msg(self.sock, {"op": "ready", "ok": True})
+        self.send({"op": "ready", "ok": True})
         import json
 
         started = time.perf_counter()
@@ -170,7 +186,7 @@ class Follower:
         self._memory_at = time.monotonic()
         memory = {"active_bytes": int(mx.get_active_memory()), "peak_bytes": int(mx.get_peak_memory()),
                   "cache_bytes": int(mx.get_cache_memory()), "rss_bytes": _rss_bytes()}
-        distributed.send_msg(self.sock, {"op": "memory", "memory": memory})
+        self.send({"op": "memory", "memory": memory})
 
 
 def _device_type() -> str:
