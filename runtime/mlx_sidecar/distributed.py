@@ -118,6 +118,32 @@ def pick_sharding(path, sharding: str) -> str:
     return kind
 
 
+class _MxWithoutClearCache:
+    """mlx.core as mlx-lm's generate module sees it in a group: clear_cache is skipped there.
+    mlx-lm calls it between steps (every 256 tokens, after prefills) and it waits for the pending
+    step while holding Python's GIL: with a stuck or dead peer that would freeze every thread of
+    the process. The cache stays bounded by set_cache_limit, and the engine clears it when idle."""
+
+    def __init__(self, mx):
+        self._mx = mx
+
+    def __getattr__(self, name):
+        return getattr(self._mx, name)
+
+    def clear_cache(self):
+        pass
+
+
+def keep_gil_free() -> None:
+    """Every rank of a group calls this once before generating (idempotent)."""
+    import mlx.core as mx
+    import mlx_lm.generate  # noqa: F401  (the package's `generate` attribute is the function)
+
+    gen = sys.modules["mlx_lm.generate"]
+    if not isinstance(gen.mx, _MxWithoutClearCache):
+        gen.mx = _MxWithoutClearCache(mx)
+
+
 def settle(loaded):
     """Measure what would otherwise be measured later on rank 0 alone (a forward pass: a collective
     the followers would not join). Every rank calls this right after loading."""
@@ -222,6 +248,7 @@ class Leader:
             import mlx.core as mx
 
             self.group = mx.distributed.init(backend=self.backend, strict=True)
+            keep_gil_free()
             if self.group.size() != self.size:
                 raise RuntimeError(f"the group has {self.group.size()} ranks, the hostfile lists {self.size}")
             for peer in self.peers:

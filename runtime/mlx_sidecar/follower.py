@@ -105,6 +105,7 @@ class Follower:
 
         mx.set_cache_limit(defaults.MLX_CACHE_BYTES)
         self.group = mx.distributed.init(backend=config["backend"], strict=True)
+        distributed.keep_gil_free()
         log.info("rank %d of %d joined", self.group.rank(), self.group.size())
         self._report_memory()
         while True:
