@@ -34,7 +34,7 @@ GROUP = None                # the Leader when this process is rank 0 of a group;
 CONNECT_TIMEOUT = 120.0     # seconds for followers to start and join
 LOAD_CHECK_TIMEOUT = 60.0   # seconds for followers to find a model's files
 MEMORY_EVERY = 0.5          # seconds between a busy follower's memory reports
-WATCHDOG_S = 5.0            # seconds a broken group's engine may stay inside a collective
+WATCHDOG_S = 3.0            # seconds a broken group's engine may stay inside a collective
 HEARTBEAT_S = 1.0           # a follower says it is alive this often, busy or idle
 SILENCE_S = float(os.environ.get("MLX_SIDECAR_GROUP_TIMEOUT", "15"))  # then a silent rank counts as gone
 _LOCAL = {"localhost", "127.0.0.1", "::1", socket.gethostname()}
@@ -330,7 +330,7 @@ class Leader:
         log.error("the engine has not come back from a collective in %.0f s; failing its requests", WATCHDOG_S)
         for gen in list(self._live.values()):
             if not gen.done:
-                gen.req.inner.fail(self.broken_error(), gen.buf)
+                gen.finish_error(self.broken_error())  # with the text and usage so far
 
     def _send(self, obj) -> None:
         for peer in self.peers:
@@ -345,12 +345,16 @@ class Leader:
         return RpcError(GENERATION_FAILED, f"the distributed group is broken ({self.broken}); restart the runtime",
                         type="generation_failed", group_broken=True)
 
+    def load_error(self, source: str) -> RpcError:
+        return RpcError(MODEL_LOAD_FAILED, f"the distributed group is broken ({self.broken}); restart the runtime",
+                        type="model_load_failed", model=source)
+
     # ---- mirrored work (engine thread) ----
     def load(self, path, source: str, model_id: str, dtype: str, trust_remote_code: bool):
         """Load a text model sharded over the group: the followers first check they can read it,
         then every rank loads its shard. Returns (model, tokenizer)."""
         if self.broken is not None:
-            raise RpcError(MODEL_LOAD_FAILED, f"the distributed group is broken ({self.broken}); restart the runtime", type="model_load_failed", model=source)
+            raise self.load_error(source)
         try:
             kind = pick_sharding(path, self.sharding)
         except ValueError as e:
