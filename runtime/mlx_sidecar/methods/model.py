@@ -27,7 +27,10 @@ def _already(ctx, model_id: str, source: str, params=None):
 def load(ctx, req):
     source = req.params["model"]
     model_id = req.params.get("id", source)
-    if "draft_model" in req.params and getattr(ctx.engine, "group", None) is not None:
+    group = getattr(ctx.engine, "group", None)
+    if group is not None and group.broken is not None:
+        raise group.load_error(req.params["model"])  # at once: the engine may be stuck in a collective
+    if "draft_model" in req.params and group is not None:
         raise RpcError(INVALID_PARAMS, "draft_model is not available while models are sharded over a distributed group", path="/draft_model")
     if "num_draft_tokens" in req.params and "draft_model" not in req.params:
         raise RpcError(INVALID_PARAMS, "num_draft_tokens needs draft_model", path="/num_draft_tokens")
