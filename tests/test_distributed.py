@@ -13,7 +13,15 @@ import pytest
 
 from conftest import chunks_of
 
-pytestmark = pytest.mark.timeout(120)
+def _ring_available() -> bool:
+    import mlx.core as mx
+
+    return mx.distributed.is_available()
+
+
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.skipif(not os.path.exists("/proc/self/stat") or not _ring_available(),
+                                 reason="needs Linux /proc and an mlx build with mlx.distributed")]
 
 PROMPTS = ["Hello world", "The capital of France is", "MLX runs language models", "Numbers: 0 1 2"]
 
