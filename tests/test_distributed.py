@@ -266,6 +266,7 @@ def test_a_killed_follower_fails_requests_clearly(hostfile, tiny_model):
         later = p.request("generate", {"model": "m", "prompt": "again", "max_tokens": 4}, timeout=30)[0]
         assert later["error"]["code"] == -32004 and later["error"]["data"]["group_broken"] is True
         assert p.request("model/load", {"model": tiny_model, "id": "n"}, timeout=30)[0]["error"]["code"] == -32001
+        assert p.request("tokenize", {"model": "m", "text": "x"}, timeout=30)[0]["error"]["data"]["group_broken"] is True
         assert "result" in p.request("runtime/ping")[0]
     finally:
         p.close()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import msgpack
 
-from .errors import GENERATION_FAILED, INVALID_PARAMS, MODEL_LOAD_FAILED, RpcError
+from .errors import GENERATION_FAILED, INTERNAL_ERROR, INVALID_PARAMS, MODEL_LOAD_FAILED, RpcError
 
 log = logging.getLogger(__name__)
 
@@ -344,6 +344,10 @@ class Leader:
     def broken_error(self) -> RpcError:
         return RpcError(GENERATION_FAILED, f"the distributed group is broken ({self.broken}); restart the runtime",
                         type="generation_failed", group_broken=True)
+
+    def engine_error(self, method: str) -> RpcError:
+        return RpcError(INTERNAL_ERROR, f"{method} cannot run: the distributed group is broken ({self.broken}); restart the runtime",
+                        group_broken=True)
 
     def load_error(self, source: str) -> RpcError:
         return RpcError(MODEL_LOAD_FAILED, f"the distributed group is broken ({self.broken}); restart the runtime",

@@ -60,6 +60,11 @@ class Engine:
     def call(self, req, fn, always=None) -> None:
         """Run fn(engine) on the engine thread and answer req with its result; always() runs after
         it, or instead of it when req was cancelled while queued."""
+        if self.group is not None and self.group.broken is not None:
+            req.fail(self.group.engine_error(req.method))  # at once: the engine may be stuck in a collective
+            if always is not None:
+                always()
+            return
         self._put(("call", req, fn, always))
 
     def generate(self, generation) -> None:
