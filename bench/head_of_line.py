@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "runtime"))
 
@@ -54,14 +55,19 @@ def one(model, factor, tokens):
     # the long prompt wait behind the endless stream instead of joining it.
     p = Pipe("ndjson", args=["--prefill-slice-factor", str(factor), "--prompt-cache-bytes", "0",
                              "--kv-budget-bytes", str(8 << 30)], check_schemas=False)
-    p.request("model/load", {"model": model, "id": "m"}, timeout=600)
+    info = p.request("model/load", {"model": model, "id": "m"}, timeout=600)[0]["result"]
+    # The running stream must outlast the long prompt's prefill: its end tokens are banned.
+    from mlx_lm.utils import load_tokenizer
+
+    no_end = {str(t): -100 for t in load_tokenizer(Path(info["path"])).eos_token_ids}
     text = long_prompt(p, "m", tokens)
     # The long prompt alone (its solo time to first token), then with a running stream.
     sent = time.monotonic()
     solo = p.start("generate", {"model": "m", "prompt": text, "max_tokens": 1, "stream_options": STREAM})
     solo_ttft = first_chunk_time(p, solo) - sent
     p.wait(solo, 600)
-    run = p.start("generate", {"model": "m", "prompt": "Tell me a story.", "max_tokens": 100000, "stream_options": STREAM})
+    run = p.start("generate", {"model": "m", "prompt": "Tell me a story.", "max_tokens": 100000, "logit_bias": no_end,
+                               "stream_options": STREAM})
     times = []
     long_id = long_sent = long_first = None
     answered = set()
@@ -69,6 +75,8 @@ def one(model, factor, tokens):
         msg = p.recv(600)
         if "id" in msg:
             answered.add(msg["id"])
+            if msg["id"] in (run, long_id) and "error" in msg or msg["id"] == run:
+                raise RuntimeError(f"a request ended early: {str(msg)[:300]}")
         if msg.get("method") != "generate/chunk":
             continue
         if msg["params"]["id"] == run:
@@ -83,6 +91,8 @@ def one(model, factor, tokens):
         msg = p.recv(600)
         if "id" in msg:
             answered.add(msg["id"])
+            if msg["id"] in (run, long_id) and "error" in msg or msg["id"] == run:
+                raise RuntimeError(f"a request ended early: {str(msg)[:300]}")
         if msg.get("method") == "generate/chunk" and msg["params"]["id"] == run:
             times.append(time.monotonic())
     p.notify("$/cancelRequest", {"id": run})
