@@ -1,6 +1,6 @@
 """Tokens/s of one process vs two ranks on loopback (ring backend), and what the group sends per token.
 
-    .venv/bin/python bench/distributed.py [--presets tiny small] [--tokens 128] [--batch 8]
+    .venv/bin/python bench/distributed.py [--presets tiny small] [--tokens 128] [--batch 8] [--pipeline]
 
 For each tiny random llama preset: decode tokens/s of one stream and of --batch streams, through the
 real runtime (a subprocess) alone and as rank 0 of a two-rank group. Bytes per token are the kernel's
@@ -127,6 +127,7 @@ def main() -> int:
     ap.add_argument("--presets", nargs="+", default=["tiny", "small"], choices=sorted(PRESETS))
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--pipeline", action="store_true", help="also a tiny qwen2 split by pipeline sharding")
     ap.add_argument("--probe-rank", type=int, default=None)
     ap.add_argument("--rounds", type=int, default=2000)
     args = ap.parse_args()
@@ -148,6 +149,18 @@ def main() -> int:
                               "allsum_payload_bytes_per_token": 2 * cfg["num_hidden_layers"] * cfg["hidden_size"] * 4 + 4,
                               "one_process": one, "two_ranks_loopback": group}
             print(json.dumps({preset: report[preset]}), flush=True)
+        if args.pipeline:
+            from mlx_sidecar.testing.sharded import QWEN2, make_pipeline_model
+
+            model = str(make_pipeline_model(Path(d) / "qwen2"))
+            one = measure([], model, args.tokens, args.batch)
+            group = measure(["--distributed-hostfile", str(hostfile), "--distributed-port", str(free_base_port()),
+                             "--distributed-sharding", "pipeline"], model, args.tokens, args.batch, follower=True)
+            report["qwen2-pipeline"] = {"layers": QWEN2["num_hidden_layers"], "hidden": QWEN2["hidden_size"],
+                                        # One hidden vector from stage to stage, an all_gather of it, the token.
+                                        "payload_bytes_per_token": 2 * QWEN2["hidden_size"] * 4 + 4,
+                                        "one_process": one, "two_ranks_loopback": group}
+            print(json.dumps({"qwen2-pipeline": report["qwen2-pipeline"]}), flush=True)
     print(json.dumps(report, indent=2))
     return 0
 
