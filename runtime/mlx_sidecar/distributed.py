@@ -206,7 +206,7 @@ class Leader:
         self.group = None                # mx.distributed.Group once joined
         self.models: dict = {}           # model id → "tensor" or "pipeline"
         self.peers: list[_Peer] = []
-        self.sent_bytes = 0              # side-channel bytes, for the benchmark
+        self.sent_bytes = 0              # side-channel bytes sent (diagnostics)
         self._live: dict = {}            # gid → Generation admitted and not yet reported ended
         self._next_gid = 0
         self._steps = 0                  # engine steps begun: the watchdog's sign of life
@@ -249,6 +249,10 @@ class Leader:
 
             self.group = mx.distributed.init(backend=self.backend, strict=True)
             keep_gil_free()
+            try:
+                os.unlink(self._ring_file)  # every rank has read it while joining
+            except OSError:
+                pass
             if self.group.size() != self.size:
                 raise RuntimeError(f"the group has {self.group.size()} ranks, the hostfile lists {self.size}")
             for peer in self.peers:
