@@ -241,7 +241,10 @@ class Engine:
         deadline = time.perf_counter() + (self._step_s if self._busy() else 0.25)
         while self._jobs:
             job = self._jobs[0]
-            if job.step(self):
+            started = time.perf_counter()
+            over = job.step(self)
+            log.debug("load of %r: a piece took %.1f ms", job.model_id, (time.perf_counter() - started) * 1000)
+            if over:
                 self._jobs.popleft()
                 self._unpark(job)
             if time.perf_counter() >= deadline:

@@ -174,6 +174,9 @@ def read(source: str, *, model_id: str, dtype: str, trust_remote_code: bool, dev
     prep = Prepared(source, model_id, dtype, trust_remote_code, device_type, time.perf_counter())
     if os.environ.get(ON_ENGINE_ENV) == "1":
         return prep
+    # A load makes many Python objects (a tokenizer's vocabulary), which sets off full garbage
+    # collections that stop every thread: freezing what exists keeps those short. release() unfreezes.
+    gc.freeze()
     prep.located = path, config = _locate(source, progress)
     from . import vision
 
@@ -402,5 +405,6 @@ def release(loaded: LoadedModel) -> None:
     loaded.model = None
     loaded.tokenizer = None
     loaded.processor = None
+    gc.unfreeze()  # its objects may have been frozen by a later load (read)
     gc.collect()
     mx.clear_cache()
