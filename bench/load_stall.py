@@ -30,7 +30,7 @@ def one(a_model, b_model, env=None):
     eos = {str(t): -100 for t in (0, 1, 2)}  # SmolLM2's special tokens: the stream must not end by itself
     run = p.start("generate", {"model": "a", "prompt": "Tell me a story.", "max_tokens": 100000, "logit_bias": eos,
                                "stream_options": STREAM})
-    times, answered = [], {}
+    times, answered, phases = [], {}, []
     load_id = load_sent = load_done = None
     while load_done is None or len([t for t in times if t > load_done]) < 4:
         msg = p.recv(600)
@@ -40,6 +40,8 @@ def one(a_model, b_model, env=None):
             if msg["id"] == load_id:
                 load_done = time.monotonic()
                 assert "result" in msg, msg
+        if msg.get("method") == "$/progress" and msg["params"]["token"] == load_id:
+            phases.append((time.monotonic(), msg["params"]["value"].get("message", "begin")))
         if msg.get("method") == "generate/chunk" and msg["params"]["id"] == run:
             times.append(time.monotonic())
             if len(times) == WARM and load_id is None:
@@ -50,10 +52,13 @@ def one(a_model, b_model, env=None):
         p.wait(run, 600)
     p.close()
     before = [b - a for a, b in zip(times[1:WARM], times[2:WARM])]  # the first gap includes the prefill
-    during = [b - a for a, b in zip(times, times[1:]) if b > load_sent and a < load_done] or [0.0]
+    during = [(b - a, b) for a, b in zip(times, times[1:]) if b > load_sent and a < load_done] or [(0.0, load_sent)]
+    worst, worst_at = max(during)
+    # What the load was doing when the worst gap ended: its last $/progress message before then.
+    phase = ([m for t, m in phases if t <= worst_at] or ["queued"])[-1]
     token = (times[WARM - 1] - times[1]) / (WARM - 2)
     return {"token_ms": round(token * 1000, 1), "worst_before_ms": round(max(before) * 1000, 1),
-            "worst_gap_ms": round(max(during) * 1000, 1), "worst_over_token": round(max(during) / token, 1),
+            "worst_gap_ms": round(worst * 1000, 1), "worst_over_token": round(worst / token, 1), "worst_phase": phase,
             "load_s": round(load_done - load_sent, 2), "a_tokens_during_load": sum(1 for t in times if load_sent < t <= load_done)}
 
 
@@ -78,10 +83,10 @@ def main():
         for name, env in modes:  # alternate, so machine noise hits both
             rows.append(dict(one(a_model, b_model, env), mode=name))
     print(f"A: {args.a} streaming; B: {args.b} loading")
-    print("| load path | A token time | A worst gap before | A worst gap during load | ÷ token time | A tokens during load | B load time |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| load path | A token time | A worst gap before | A worst gap during load | ÷ token time | load phase then | A tokens during load | B load time |")
+    print("| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
     for r in rows:
-        print(f"| {r['mode']} | {r['token_ms']} ms | {r['worst_before_ms']} ms | {r['worst_gap_ms']} ms | {r['worst_over_token']} | "
+        print(f"| {r['mode']} | {r['token_ms']} ms | {r['worst_before_ms']} ms | {r['worst_gap_ms']} ms | {r['worst_over_token']} | {r['worst_phase']} | "
               f"{r['a_tokens_during_load']} | {r['load_s']} s |")
     if args.json:
         with open(args.json, "w") as f:
