@@ -284,7 +284,11 @@ class ModelRunner:
         try:
             started = time.perf_counter()
             prompt_responses, responses = self.generator.next()
-            self.pacer.observe(prompt_responses, time.perf_counter() - started, bool(responses))
+            took = time.perf_counter() - started
+            self.pacer.observe(prompt_responses, took, bool(responses))
+            if prompt_responses and log.isEnabledFor(logging.DEBUG):  # --log-level debug: what pacing did
+                log.debug("batch step %.1f ms: %d decoded, prompt slice %d, prompts at %s", took * 1000, len(responses),
+                          self.generator.prefill_step_size, [r.progress for r in prompt_responses])
         except Exception as e:
             log.exception("batched generation failed")
             heal_random_state()
