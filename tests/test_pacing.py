@@ -83,3 +83,20 @@ def test_a_running_stream_is_unchanged_by_a_long_prompt_joining(serve, tiny_mode
     assert msg["result"]["usage"]["completion_tokens"] == alone["usage"]["completion_tokens"] == len(tokens)
     assert long_first is not None and long_first > 10 + 12, long_first  # it kept flowing through the prefill
     assert "result" in (answers.get(long) or p.wait(long))
+
+
+def test_the_pacer_starts_each_new_prompt_at_the_floor_and_drops_cancelled_ones():
+    # pacing.py on its own (no model): slices cheaper than the budget grow (at most 2x a step); a
+    # prompt that stops answering (cancelled, failed) is forgotten, so the next one starts at the floor.
+    from types import SimpleNamespace as Response
+
+    from mlx_sidecar.pacing import MIN_SLICE, PrefillPacer
+
+    pacer = PrefillPacer(2.0)
+    pacer.observe_decode(0.010)  # a running stream's decode step
+    assert pacer.slice(True, 1) == MIN_SLICE
+    pacer.observe([Response(uid=1, progress=(MIN_SLICE, 1000), end_of_segment=False)], 0.012, True)
+    assert pacer.slice(True, 1) == 2 * MIN_SLICE
+    pacer.observe([], 0.010, True)  # uid 1 is gone without finishing
+    assert pacer.slice(True, 1) == MIN_SLICE
+    assert pacer.slice(False, 1) == 512  # nobody decoding: full steps

@@ -34,13 +34,13 @@ class PrefillPacer:
         The paced slice is steered by what a step really cost (per-step overheads included): it
         grows or shrinks, at most 2x a step, until prefilling takes `factor` decode steps."""
         tokens = 0
+        progress = {}  # every prompt still prefilling answers each step: the rest (done, cancelled) drop out
         for r in prompt_responses:
             done = r.progress[0]
             tokens += max(0, done - self._progress.get(r.uid, 0))
-            if r.end_of_segment and done >= r.progress[1]:
-                self._progress.pop(r.uid, None)
-            else:
-                self._progress[r.uid] = done
+            if not (r.end_of_segment and done >= r.progress[1]):
+                progress[r.uid] = done
+        self._progress = progress
         if tokens == 0:
             if decoded:
                 self.decode_s = _average(self.decode_s, seconds)
