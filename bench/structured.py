@@ -7,12 +7,19 @@
   compile    response_format compile time, p50/p95: cold (a new schema: parse, check, compile the
              matcher) and cached (what a repeated format costs a request), plus the vocabulary index
              and the logits processor's own time per token (49k vocabulary)
+
+    .venv/bin/python bench/structured.py --memory --batch 32 [--seeds 20] [--free]
+
+  memory     the runtime's peak RSS (sampled from /proc every 50 ms) and MLX active memory while it
+             serves tests/test_structured.py's default-model workload (11 formats x --seeds seeds at
+             temperature 0.7, all sent at once) at --max-batch --batch; --free drops the formats
 """
 
 import argparse
 import json
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -115,6 +122,68 @@ def compile_times(model_dir: str, n: int) -> dict:
             "cached_p50_ms": pct(cached, 0.5), "cached_p95_ms": pct(cached, 0.95)}
 
 
+def _rss_mb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def memory(batch: int, seeds: int, constrained: bool) -> dict:
+    """Peak RSS and MLX memory of the runtime serving the structured test's default-model workload."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import test_structured as T
+
+    p = Pipe("ndjson", args=("--max-batch", str(batch), "--max-queue", "1024"))
+    pid, peak, done = p.proc.pid, [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            try:
+                peak[0] = max(peak[0], _rss_mb(pid))
+            except OSError:
+                return
+            time.sleep(0.05)
+
+    threading.Thread(target=sample, daemon=True).start()
+    p.request("model/load", {"model": "default", "id": "smol"}, timeout=900)
+    loaded_rss = _rss_mb(pid)
+    jobs = [(T.ask(f"Give an example {name} record as JSON."), T.schema_format(schema), 48) for name, schema in T.FEATURES.items()]
+    jobs += [(T.ask(question), fmt, max_tokens) for fmt, question, max_tokens in T.OTHER_FORMATS.values()]
+    started = time.monotonic()
+    left = set()
+    for messages, fmt, max_tokens in jobs:
+        for s in range(seeds):
+            q = {"model": "smol", "messages": messages, "max_tokens": max_tokens, "temperature": 0.7, "seed": s, "stream": False}
+            if constrained:
+                q["response_format"] = fmt
+            left.add(p.start("generate", q))
+    n, active_peak, last = len(left), 0, 0.0
+    while left:
+        try:
+            msgs = [p.recv(1)]
+        except TimeoutError:
+            msgs = []
+        if time.monotonic() - last > 2:  # runtime/info's memory snapshot (answers that pass meanwhile are kept)
+            last = time.monotonic()
+            answer, seen = p.request("runtime/info", timeout=600)
+            active_peak = max(active_peak, answer["result"]["memory"]["active_bytes"] >> 20)
+            msgs += seen
+        for msg in msgs:
+            if isinstance(msg, dict) and msg.get("id") in left:
+                assert "result" in msg, msg
+                left.discard(msg["id"])
+    took = time.monotonic() - started
+    end = p.request("runtime/info")[0]["result"]["memory"]
+    done.set()
+    out = {"batch": batch, "requests": n, "constrained": constrained, "seconds": round(took, 1), "loaded_rss_mb": loaded_rss,
+           "peak_rss_mb": peak[0], "peak_active_mb": active_peak, "end_active_mb": end["active_bytes"] >> 20,
+           "end_prompt_cache_mb": end.get("prompt_cache_bytes", 0) >> 20}
+    p.close()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=5)
@@ -122,7 +191,18 @@ def main() -> int:
     ap.add_argument("--compiles", type=int, default=50)
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--compile-only", action="store_true", help="skip the decode runs")
+    ap.add_argument("--memory", action="store_true", help="only the memory run (see above)")
+    ap.add_argument("--batch", type=int, default=32, help="--max-batch for --memory")
+    ap.add_argument("--seeds", type=int, default=20, help="seeds per format for --memory")
+    ap.add_argument("--free", action="store_true", help="--memory without response_format")
     args = ap.parse_args()
+
+    if args.memory:
+        out = memory(args.batch, args.seeds, not args.free)
+        print(json.dumps(out))
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2))
+        return 0
 
     p = Pipe("ndjson", args=["--prompt-cache-bytes", "0"])
     info = p.request("model/load", {"model": "default", "id": "smol"}, timeout=900)[0]["result"]
