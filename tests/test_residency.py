@@ -58,6 +58,16 @@ def test_idle_unload_then_reload_on_demand(spawn, tiny_model):
     assert p.request("generate", {"model": "m", "prompt": "x", "max_tokens": 1})[0]["error"]["code"] == -32000
 
 
+def test_idle_unload_gives_the_memory_back(spawn, small_model):
+    p = spawn(args=["--idle-unload", "0.3"])
+    info = p.request("model/load", {"model": small_model, "id": "s"})[0]["result"]
+    loaded = p.request("runtime/info")[0]["result"]["memory"]["active_bytes"]
+    assert loaded >= info["memory_bytes"]
+    wait_for_state(p, "s", "unloaded")
+    unloaded = p.request("runtime/info")[0]["result"]["memory"]["active_bytes"]
+    assert loaded - unloaded >= info["memory_bytes"] * 0.9, (loaded, unloaded, info["memory_bytes"])
+
+
 def test_a_failed_reload_fails_the_request_that_needed_it(spawn, tmp_path):
     import shutil
 

@@ -231,6 +231,7 @@ class Engine:
         if job.begin(self):
             return  # answered at once (already loaded, or an id clash)
         self._parked[job.model_id] = []
+        self.residency.track_busy(self._busy_ids())  # requests that just ended count as uses
         others = [m for m in self.models if m != job.model_id]
         for model_id in self.residency.over_limit(others, len(self._parked), self._in_use):
             self._evict(model_id, "--max-models")
@@ -288,13 +289,14 @@ class Engine:
             self._evict(model_id, "--max-models")
 
     def _evict(self, model_id, why: str) -> None:
-        loaded = self.models.pop(model_id, None)
+        loaded = self.models.get(model_id)
         if loaded is None:
             return
         self.abort_model(model_id)  # nothing in flight: this drops its runner and prompt cache
-        self.residency.unloaded(model_id, loaded.info)
+        self.residency.unloaded(model_id, loaded.info)  # from here a request naming it reloads it
         model_files.release(loaded)
         self._snapshot_memory()
+        del self.models[model_id]  # last: model/list shows it unloaded once its memory is back
         log.info("unloaded %r (%s); a request naming it reloads it", model_id, why)
 
     def snapshot_memory(self) -> None:
