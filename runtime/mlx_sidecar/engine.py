@@ -97,7 +97,8 @@ class Engine:
 
     @property
     def queued(self) -> int:
-        return sum(len(r.waiting) for r in list(self._runners.values())) + len(self._inbox)
+        parked = sum(len(items) for items in list(self._parked.values()))  # behind a model's load
+        return sum(len(r.waiting) for r in list(self._runners.values())) + len(self._inbox) + len(self._pending) + parked
 
     def _put(self, item) -> None:
         with self._cv:
