@@ -158,6 +158,7 @@ class Prepared:
     tokenizer: Any = None
     weights: dict | None = None    # name → finished mx.array; None: build loads the whole model in one piece
     dequantized: bool = False      # quantized weights were expanded to the target dtype while read
+    progress: Any = None           # the load's progress callback (a one-piece load reports through it)
 
 
 def _target_dtype(dtype: str, device_type: str):
@@ -171,7 +172,7 @@ def read(source: str, *, model_id: str, dtype: str, trust_remote_code: bool, dev
          progress: Callable[[float, str], None], cancelled: Callable[[], bool] = lambda: False) -> Prepared:
     """Loader thread: resolve the source, parse the config, load the tokenizer, read the weights and
     convert them to the target dtype, evaluating every array here."""
-    prep = Prepared(source, model_id, dtype, trust_remote_code, device_type, time.perf_counter())
+    prep = Prepared(source, model_id, dtype, trust_remote_code, device_type, time.perf_counter(), progress=progress)
     if os.environ.get(ON_ENGINE_ENV) == "1":
         return prep
     # A load makes many Python objects (a tokenizer's vocabulary), which sets off full garbage
@@ -266,7 +267,8 @@ def build(prep: Prepared):
     LoadedModel (as StopIteration's value: `loaded = yield from build(prep)`)."""
     if prep.weights is None:
         return load(prep.source, model_id=prep.model_id, dtype=prep.dtype, trust_remote_code=prep.trust_remote_code,
-                    device_type=prep.device_type, progress=lambda *a, **k: None, started=prep.started, located=prep.located)
+                    device_type=prep.device_type, progress=prep.progress or (lambda *a, **k: None), started=prep.started,
+                    located=prep.located)
         yield  # a generator even when everything happens in one piece
     import mlx.core as mx
     import mlx.nn as nn
