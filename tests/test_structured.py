@@ -413,9 +413,8 @@ def ask(what):
 def smol():
     from mlx_sidecar.testing.pipe import Pipe
 
-    # A batch of 8, not 32: at 32 constrained rows the runtime's RSS reached 13.5 GB (once 23.7 GB,
-    # killed by the OOM killer in CI); at 8 it peaks near 6 GB and takes as long. Not yet explained.
-    p = Pipe("ndjson", args=("--max-batch", "8", "--max-queue", "512"))
+    # One batch of 32 (peak RSS ~1.3 GB; before fcccae9 kept rows pinned whole batches: 13-24 GB).
+    p = Pipe("ndjson", args=("--max-batch", "32", "--max-queue", "512"))
     answer, _ = p.request("model/load", {"model": "default", "id": "smol"}, timeout=600)
     assert "result" in answer, answer
     yield p
