@@ -52,8 +52,11 @@ def test_without_pacing_the_prompt_goes_in_big_steps(serve, tiny_model):
     # gets only a few tokens before the long prompt's first token. This is what the test above
     # guards against.
     p = load(serve, tiny_model, "--prefill-slice-factor", "0")
-    got = tokens_while_long_prompt_prefills(p)
-    assert got <= 7, got  # a few more may come before the engine picks the request up
+    # Tokens that come before the engine has even read the long request only add to the count (a busy
+    # machine can delay the reader by dozens of ~1 ms tokens), so the fewest of three tries is the
+    # structural figure: ~2 steps.
+    got = min(tokens_while_long_prompt_prefills(p) for _ in range(3))
+    assert got <= 7, got
 
 
 def test_a_running_stream_is_unchanged_by_a_long_prompt_joining(serve, tiny_model):
