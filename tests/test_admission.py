@@ -200,3 +200,27 @@ def test_kv_shape_of_a_model_with_sliding_window_layers():
     # The config's formula agrees where there are no windows.
     cfg = {"num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "hidden_size": 32}
     assert from_config(cfg, 4).per_token == shape.per_token
+
+
+def test_kv_shape_without_a_forward_pass_matches_the_measured_one(tiny_model):
+    """For plain attention the KV cost comes from the cache types and the config (no forward pass
+    at load, which would stall other streams); it must equal what one token really costs."""
+    import json
+    from pathlib import Path
+
+    from mlx_lm.models import gemma3_text
+    from mlx_lm.utils import load as mlx_lm_load
+
+    from mlx_sidecar.admission import from_cache_types, measure_forward
+
+    model, _ = mlx_lm_load(tiny_model)
+    config = json.loads((Path(tiny_model) / "config.json").read_text())
+    fast = from_cache_types(model, config)
+    assert fast is not None and fast.layers == measure_forward(model, {}).layers
+    cfg = dict(model_type="gemma3_text", hidden_size=32, num_hidden_layers=4, intermediate_size=64,
+               num_attention_heads=2, num_key_value_heads=1, head_dim=16, vocab_size=64,
+               sliding_window=8, sliding_window_pattern=2)
+    windowed = gemma3_text.Model(gemma3_text.ModelArgs(**cfg))
+    fast = from_cache_types(windowed, cfg)
+    assert fast is not None and fast.layers == measure_forward(windowed, {}).layers
+    assert from_cache_types(windowed, {**cfg, "model_type": "deepseek_v3"}) is None  # unknown: measured

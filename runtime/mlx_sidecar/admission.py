@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 
 from .errors import INVALID_PARAMS, RpcError
@@ -36,9 +37,58 @@ class KVShape:
         return self.fixed + sum(b * (tokens if cap is None else min(tokens, cap)) for b, cap in self.layers)
 
 
+# Architectures whose attention caches hold kv_heads x head_dim keys and values per token, as
+# their config says: their cost needs no forward pass (which would stall other streams at load).
+PLAIN_ATTENTION = {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "starcoder2"}
+
+_MEASURED: dict = {}  # id(model) → (weak reference, KVShape): each model is measured once
+
+
 def measure(model, config: dict) -> KVShape:
-    """Read a model's KV cost from mlx-lm's own caches after one token (so sliding windows,
-    quantized and recurrent caches count as they really are); from the config if that fails."""
+    """A model's KV cost: from its cache types and config for plain attention, else read from
+    mlx-lm's own caches after one token (so sliding windows, quantized and recurrent caches count
+    as they really are), else from the config alone. Remembered per model."""
+    key = id(model)
+    hit = _MEASURED.get(key)
+    if hit is not None and hit[0]() is model:
+        return hit[1]
+    shape = from_cache_types(model, config) or measure_forward(model, config)
+    try:
+        _MEASURED[key] = (weakref.ref(model, lambda _, k=key: _MEASURED.pop(k, None)), shape)
+    except TypeError:
+        pass
+    return shape
+
+
+def from_cache_types(model, config: dict) -> KVShape | None:
+    """Without running the model: each layer's cache type (plain or sliding window) from mlx-lm,
+    its bytes per token from the config. None where that is not known to be exact."""
+    cfg = config.get("text_config") or config
+    if cfg.get("model_type") not in PLAIN_ATTENTION:
+        return None
+    try:
+        import mlx.core as mx
+        from mlx.utils import tree_flatten
+        from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
+
+        dtypes = {a.dtype for _, a in tree_flatten(model.parameters())}
+        if len(dtypes) != 1 or not mx.issubdtype(next(iter(dtypes)), mx.floating):
+            return None  # quantized or mixed weights: the activations' dtype is not obvious
+        leaves = list(_leaves(make_prompt_cache(model)))
+    except Exception:
+        return None
+    heads = cfg.get("num_attention_heads")
+    kv_heads = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or (cfg.get("hidden_size") // heads if isinstance(heads, int) and heads > 0 and isinstance(cfg.get("hidden_size"), int) else None)
+    if not leaves or any(type(c) not in (KVCache, RotatingKVCache) for c in leaves) \
+            or not all(isinstance(v, int) and v > 0 for v in (kv_heads, head_dim)):
+        return None
+    per = kv_heads * head_dim * 2 * next(iter(dtypes)).size
+    return KVShape([(per, c.max_size if type(c) is RotatingKVCache else None) for c in leaves])
+
+
+def measure_forward(model, config: dict) -> KVShape:
+    """Run one token through the model and read what its caches hold."""
     try:
         import mlx.core as mx
         from mlx_lm.models.cache import make_prompt_cache
