@@ -243,7 +243,17 @@ def test_pipeline_parallel_matches_one_process(hostfile, qwen_model, serve):
         ids = [p.start("generate", q) for q in params]
         out = collect(p, ids)
         expected = one_process_texts(serve, qwen_model, params)
-        assert [out[i][0]["result"]["text"] for i in ids] == expected
+        assert [out[i][0]["result"]["text"] for i in ids] == expected  # sent together: one batch over both stages
+        # A cancel mid-stream leaves both stages in step: the next greedy request still matches.
+        victim = p.start("generate", {"model": "m", "prompt": "victim", "max_tokens": 100000, "temperature": 0,
+                                      "stream_options": {"chunk_tokens": 2}})
+        while True:
+            msg = p.recv()
+            if msg.get("method") == "generate/chunk" and msg["params"]["id"] == victim:
+                break
+        p.notify("$/cancelRequest", {"id": victim})
+        assert collect(p, [victim])[victim][0]["error"]["code"] == -32800
+        assert p.request("generate", {**params[0], "stream": False})[0]["result"]["text"] == expected[0]
     finally:
         stop_group(p)
 
