@@ -10,8 +10,6 @@ parallel layer pays twice per token)."""
 import argparse
 import json
 import os
-import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,19 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
 
 from mlx_sidecar.testing import PRESETS, make_model  # noqa: E402
+from mlx_sidecar.testing.sharded import free_port_pair  # noqa: E402
 from mlx_sidecar.testing.pipe import Pipe  # noqa: E402
-
-
-def free_base_port() -> int:
-    while True:
-        base = random.randint(20000, 60000)
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", base))
-                b.bind(("127.0.0.1", base + 1))
-            return base
-        except OSError:
-            pass
 
 
 def tcp_bytes(pid: int) -> tuple[int, int]:
@@ -95,7 +82,7 @@ def probe_allsum(rounds: int = 2000) -> dict:
     """One float32 all_sum of a 1-token hidden vector between two ranks on loopback: median µs."""
     with tempfile.TemporaryDirectory() as d:
         hosts = Path(d) / "ring.json"
-        base = free_base_port()
+        base = free_port_pair()
         hosts.write_text(json.dumps([[f"127.0.0.1:{base}"], [f"127.0.0.1:{base + 1}"]]))
         procs = [subprocess.Popen([sys.executable, __file__, "--probe-rank", str(r), "--rounds", str(rounds)],
                                   env={**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hosts)},
@@ -142,7 +129,7 @@ def main() -> int:
             model = str(make_model(Path(d) / preset, preset=preset))
             cfg = PRESETS[preset]
             one = measure([], model, args.tokens, args.batch)
-            group = measure(["--distributed-hostfile", str(hostfile), "--distributed-port", str(free_base_port())],
+            group = measure(["--distributed-hostfile", str(hostfile), "--distributed-port", str(free_port_pair())],
                             model, args.tokens, args.batch, follower=True)
             report[preset] = {"layers": cfg["num_hidden_layers"], "hidden": cfg["hidden_size"],
                               # Tensor-parallel: 2 all_sums of one hidden vector per layer per token, + the token.
@@ -154,7 +141,7 @@ def main() -> int:
 
             model = str(make_pipeline_model(Path(d) / "qwen2"))
             one = measure([], model, args.tokens, args.batch)
-            group = measure(["--distributed-hostfile", str(hostfile), "--distributed-port", str(free_base_port()),
+            group = measure(["--distributed-hostfile", str(hostfile), "--distributed-port", str(free_port_pair()),
                              "--distributed-sharding", "pipeline"], model, args.tokens, args.batch, follower=True)
             report["qwen2-pipeline"] = {"layers": QWEN2["num_hidden_layers"], "hidden": QWEN2["hidden_size"],
                                         # One hidden vector from stage to stage, an all_gather of it, the token.

@@ -1,5 +1,6 @@
 import json
 import os
+import time
 import sys
 from pathlib import Path
 
@@ -89,3 +90,16 @@ def loaded_process(spawn, tiny_model):
 
 def chunks_of(notes, id):
     return [n["params"] for n in notes if n.get("method") == "generate/chunk" and n["params"]["id"] == id]
+
+
+def collect(p, ids, timeout=120):
+    """Read until every id in ids is answered; returns {id: (answer, chunks)}."""
+    answers, notes = {}, []
+    deadline = time.monotonic() + timeout
+    while len(answers) < len(ids):
+        msg = p.recv(max(0.1, deadline - time.monotonic()))
+        if "id" in msg and msg["id"] in ids:
+            answers[msg["id"]] = msg
+        else:
+            notes.append(msg)
+    return {i: (answers[i], chunks_of(notes, i)) for i in ids}

@@ -6,20 +6,7 @@ import time
 
 import pytest
 
-from conftest import chunks_of
-
-
-def collect(p, ids, timeout=120):
-    """Read until every id in ids is answered; returns {id: (answer, chunks)}."""
-    answers, notes = {}, []
-    deadline = time.monotonic() + timeout
-    while len(answers) < len(ids):
-        msg = p.recv(max(0.1, deadline - time.monotonic()))
-        if "id" in msg and msg["id"] in ids:
-            answers[msg["id"]] = msg
-        else:
-            notes.append(msg)
-    return {i: (answers[i], chunks_of(notes, i)) for i in ids}
+from conftest import chunks_of, collect
 
 
 def test_concurrent_streams_each_get_their_own_complete_output(loaded):

@@ -4,14 +4,13 @@ compared with a one-process runtime; cancellation, a killed follower and an idle
 
 import json
 import os
-import random
 import signal
-import socket
 import time
 
 import pytest
 
-from conftest import chunks_of
+from conftest import collect
+from mlx_sidecar.testing.sharded import free_port_pair
 
 def _ring_available() -> bool:
     import mlx.core as mx
@@ -24,20 +23,6 @@ pytestmark = [pytest.mark.timeout(120),
                                  reason="needs Linux /proc and an mlx build with mlx.distributed")]
 
 PROMPTS = ["Hello world", "The capital of France is", "MLX runs language models", "Numbers: 0 1 2"]
-
-
-def _free_base_port() -> int:
-    """A port p with p and p + 1 free (the ring listens on one port per rank)."""
-    for _ in range(50):
-        base = random.randint(20000, 60000)
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", base))
-                b.bind(("127.0.0.1", base + 1))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +42,7 @@ def qwen_model(tmp_path_factory) -> str:
 def start_group(hostfile, model, sharding="auto", env=None):
     from mlx_sidecar.testing.pipe import Pipe
 
-    p = Pipe(args=["--distributed-hostfile", hostfile, "--distributed-port", str(_free_base_port()),
+    p = Pipe(args=["--distributed-hostfile", hostfile, "--distributed-port", str(free_port_pair()),
                    "--distributed-sharding", sharding], env=env)
     answer, _ = p.request("model/load", {"model": model, "id": "m"}, timeout=90)
     assert "result" in answer, answer
@@ -94,18 +79,6 @@ def tensor_group(hostfile, tmp_path_factory):
     p = start_group(hostfile, model)
     yield p, model
     stop_group(p)
-
-
-def collect(p, ids, timeout=60):
-    answers, notes = {}, []
-    deadline = time.monotonic() + timeout
-    while len(answers) < len(ids):
-        msg = p.recv(max(0.1, deadline - time.monotonic()))
-        if "id" in msg and msg["id"] in ids:
-            answers[msg["id"]] = msg
-        else:
-            notes.append(msg)
-    return {i: (answers[i], chunks_of(notes, i)) for i in ids}
 
 
 def one_process_texts(serve, model, params_list):

@@ -56,10 +56,10 @@ class Server:
     # ---- lifecycle ----
     def serve(self, in_fd: int, out_fd: int) -> int:
         """Serve until exit, EOF or stop(); returns the exit code once everything is answered."""
-        from .methods.model import queue_load
+        from .methods.model import LoggedLoad, queue_load
 
         for source in self.preload:
-            queue_load(self.ctx, _Preload(source), source, source)
+            queue_load(self.ctx, LoggedLoad(source), source, source)
         reader = threading.Thread(target=self._read, args=(in_fd, out_fd), name="mlx-sidecar-reader", daemon=True)
         reader.start()
         while not self._stop.wait(0.5):
@@ -125,28 +125,6 @@ class Server:
             writer.flush(max(0.05, deadline - time.monotonic()))
             writer.close()
         return self._exit_code
-
-
-class _Preload:
-    """The request behind a --model flag: answered into the log instead of the pipe."""
-
-    is_notification = True
-    method = "model/load"
-    id = None
-    cancel_requested = False
-
-    def __init__(self, source):
-        self.source = source
-        self.params = {"model": source}
-
-    def try_start(self):
-        return True
-
-    def respond(self, result, buf=None):
-        pass
-
-    def fail(self, error, buf=None):
-        log.error("could not preload %s: %s", self.source, error.message)
 
 
 def install_signal_handlers(server: Server) -> None:

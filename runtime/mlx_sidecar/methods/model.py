@@ -54,7 +54,7 @@ def reload_job(ctx, params: dict, trigger):
     `trigger` naming it; $/progress goes to that request's id."""
     model_id = params.get("id", params["model"])
     ctx.inflight.load_queued(model_id)
-    return LoadJob(ctx, _Reload(trigger, model_id), params["model"], model_id, params,
+    return LoadJob(ctx, LoggedLoad(model_id, trigger), params["model"], model_id, params,
                    always=lambda: ctx.inflight.load_done(model_id), title=f"Reloading {model_id}")
 
 
@@ -64,7 +64,7 @@ class LoadJob:
 
     def __init__(self, ctx, req, source, model_id, params, always=None, title=None):
         self.ctx, self.req, self.source, self.model_id, self.params = ctx, req, source, model_id, params
-        self.is_reload = isinstance(req, _Reload)
+        self.is_reload = getattr(req, "trigger", None) is not None
         self.error = None
         self.over = False
         self._always = always
@@ -178,17 +178,20 @@ def _attach_draft(loaded, draft, params) -> None:
                             "num_draft_tokens": params.get("num_draft_tokens", speculative.DEFAULT_DRAFT_TOKENS)}
 
 
-class _Reload:
-    """The request behind a reload on demand: progress under the id of the request that needed the
-    model; the answer goes to the log (that request gets the model, or the load's error)."""
+class LoggedLoad:
+    """A model/load nobody waits for an answer to: a --model preload (trigger None) or a reload on
+    demand (progress goes under the id of the request that needed the model, which then gets the
+    model or the load's error). Its own answer goes to the log."""
 
     method = "model/load"
     cancel_requested = False
 
-    def __init__(self, trigger, model_id):
-        self.id = trigger.id
-        self.is_notification = trigger.is_notification
-        self.model_id = model_id
+    def __init__(self, source, trigger=None):
+        self.source = source
+        self.params = {"model": source}
+        self.trigger = trigger
+        self.id = trigger.id if trigger is not None else None
+        self.is_notification = trigger.is_notification if trigger is not None else True
 
     def try_start(self):
         return True
@@ -197,7 +200,7 @@ class _Reload:
         pass
 
     def fail(self, error, buf=None):
-        log.error("could not reload %s: %s", self.model_id, error.message)
+        log.error("could not %s %s: %s", "reload" if self.trigger is not None else "preload", self.source, error.message)
 
 
 def unload(ctx, req):

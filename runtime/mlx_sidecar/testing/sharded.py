@@ -2,6 +2,8 @@
 shape mlx-lm's pipeline sharding needs (each rank reads only its layers' files)."""
 
 import json
+import random
+import socket
 from pathlib import Path
 
 from .models import CHAT_TEMPLATE, _tokenizer
@@ -45,3 +47,17 @@ def make_pipeline_model(directory, seed: int = 0) -> Path:
         mx.save_safetensors(str(out / fname), part)
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
     return out
+
+
+def free_port_pair() -> int:
+    """A port p with p and p + 1 free on 127.0.0.1 (a two-rank ring listens on one port per rank)."""
+    for _ in range(50):
+        base = random.randint(20000, 60000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", base))
+                b.bind(("127.0.0.1", base + 1))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free pair of ports")
