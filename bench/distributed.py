@@ -42,9 +42,9 @@ def tcp_bytes(pid: int) -> tuple[int, int]:
 
 def run(p, n_streams: int, tokens: int) -> float:
     """Aggregate decode tokens/s of n_streams greedy requests started together."""
+    started = time.perf_counter()  # from the first request written to the last answer read
     ids = [p.start("generate", {"model": "m", "prompt": f"Stream {i}: the quick brown fox", "max_tokens": tokens,
                                 "temperature": 0, "stream": False}) for i in range(n_streams)]
-    started = time.perf_counter()
     done = 0
     results = {}
     while done < len(ids):
