@@ -315,7 +315,7 @@ class Admission:
         an older request of any model that is waiting for room; always yes when nothing runs."""
         want = gen.kv_need + (also.kv_need if also is not None else 0)
         blocked = self._blocked
-        if blocked is not None and (blocked.done or blocked.kv_started):
+        if blocked is not None and (blocked.done or blocked in self.reserved):
             blocked = self._blocked = None
         older = blocked is not None and blocked is not gen and blocked.req.received_at < gen.req.received_at
         used = self.in_use()
@@ -330,7 +330,6 @@ class Admission:
         return False
 
     def reserve(self, gen) -> None:
-        gen.kv_started = True
         self.reserved[gen] = gen.kv_need
         for g in [g for g in self.reserved if g.done]:
             del self.reserved[g]

@@ -44,7 +44,6 @@ class Generation:
         self.logprob_items: list = []   # OpenAI's logprobs.content, one per generated token
         self.speculative = None         # speculative.Plan when the request speculates
         self.kv_need = 0                # KV bytes it holds at its longest (admission.py)
-        self.kv_started = False         # its KV bytes are reserved: it runs
 
     # ---- engine thread ----
     def prepare(self, models: dict, admission=None) -> None:
