@@ -188,7 +188,9 @@ def machine_bytes(device_type: str) -> tuple[int, str]:
         meminfo = _meminfo()
         if "MemAvailable" in meminfo:
             # What is free plus what we already hold (weights, caches): ours to spend.
-            total = min(meminfo["MemAvailable"] + _rss(), meminfo.get("MemTotal", 1 << 62))
+            from .engine import _rss_bytes
+
+            total = min(meminfo["MemAvailable"] + _rss_bytes(), meminfo.get("MemTotal", 1 << 62))
             limit = _cgroup_limit()
             if limit is not None and limit < total:
                 return limit, "cgroup memory limit"
@@ -211,14 +213,6 @@ def _meminfo() -> dict:
     except OSError:
         pass
     return out
-
-
-def _rss() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
 
 
 def _cgroup_limit() -> int | None:
