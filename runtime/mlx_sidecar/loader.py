@@ -2,7 +2,8 @@
 
 Loads run one at a time, in the order the engine handed them over. A job's `read()` runs here;
 then the job goes back to the engine, which builds the model in small pieces between decode steps
-(Engine.add_job). MLX work done here runs on this thread's own stream and is evaluated here."""
+(Engine.add_job). MLX work done here (reading and converting weights) runs on a CPU stream of this
+thread and is evaluated here, so the accelerator is only ever used by the engine thread."""
 
 import logging
 import queue

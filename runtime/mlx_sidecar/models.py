@@ -194,7 +194,10 @@ def read(source: str, *, model_id: str, dtype: str, trust_remote_code: bool, dev
     except Exception as e:
         raise _load_error(e, source) from None
     progress(0.3, "reading weights")
-    prep.weights, prep.dequantized = _read_weights(path, source, config, _target_dtype(dtype, device_type), progress, cancelled)
+    import mlx.core as mx
+
+    with mx.stream(mx.cpu):  # reading and converting on the CPU: the accelerator stays the engine thread's
+        prep.weights, prep.dequantized = _read_weights(path, source, config, _target_dtype(dtype, device_type), progress, cancelled)
     return prep
 
 
