@@ -41,6 +41,12 @@ def ask(p, parts, text=QUESTION, max_tokens=8, **params):
                                   "max_tokens": max_tokens, "temperature": 0, **params})
 
 
+def start_ask(p, parts, text=QUESTION, max_tokens=8, **params):
+    content = list(parts) + [{"type": "text", "text": text}]
+    return p.start("generate", {"model": "v", "messages": [{"role": "user", "content": content}],
+                                "max_tokens": max_tokens, "temperature": 0, **params})
+
+
 def result(answer):
     assert "result" in answer, answer
     return answer["result"]
@@ -466,3 +472,104 @@ def test_tokenize_counts_image_tokens_like_generate(vision):
     assert len(text_only["tokens"]) < 5
     answer, _ = p.request("tokenize", {"model": "v", "messages": [{"role": "user", "content": [url_part("/no/such.png")]}]})
     invalid(answer, "/messages/0/content/0/image_url/url")
+
+
+# ---- the KV budget and loading beside other streams ----
+def _kv_per_token(p) -> int:
+    [info] = [m for m in result(p.request("model/list")[0])["models"] if m["id"] == "v"]
+    return info["kv_bytes_per_token"]
+
+
+def _prompt_tokens(p, parts, text=QUESTION) -> int:
+    """The prompt's tokens after the processor expanded each image into its placeholder tokens."""
+    messages = [{"role": "user", "content": list(parts) + [{"type": "text", "text": text}]}]
+    return len(result(p.request("tokenize", {"model": "v", "messages": messages})[0])["tokens"])
+
+
+def _events(p, ids):
+    """("chunk" | "answer", id) in arrival order until every id is answered, and the answers."""
+    events, answers = [], {}
+    while len(answers) < len(ids):
+        msg = p.recv()
+        if msg.get("method") == "generate/chunk":
+            events.append(("chunk", msg["params"]["id"]))
+        elif msg.get("id") in ids:
+            answers[msg["id"]] = msg
+            events.append(("answer", msg["id"]))
+    return events, answers
+
+
+def test_an_image_request_that_does_not_fit_now_waits_then_runs(vision, serve, vision_model):
+    img = url_part(data_url(png(200, 150)))
+    probe = vision()
+    per, n = _kv_per_token(probe), _prompt_tokens(probe, [img])
+    assert n > 40  # the image's tokens count
+    budget = per * (n + 300) * 3 // 2      # one request of n + 300 tokens fits, two do not
+    p = vision(args=["--kv-budget-bytes", str(budget), "--prompt-cache-bytes", "0"])
+    a, b = start_ask(p, [img], max_tokens=300), start_ask(p, [img], max_tokens=300)
+    events, answers = _events(p, {a, b})
+    ra, rb = result(answers[a]), result(answers[b])
+    # Nothing lost: both ran to their length with the same greedy text.
+    assert ra["usage"]["completion_tokens"] == rb["usage"]["completion_tokens"] == 300
+    assert ra["usage"]["prompt_tokens"] == n and ra["text"] == rb["text"]
+    # b made nothing until a had ended and given its KV budget back.
+    assert events.index(("chunk", b)) > events.index(("answer", a))
+    assert result(p.request("runtime/metrics")[0])["gauges"]["kv"]["reserved_bytes"] == 0
+    # The control: with the machine's budget the same two requests decode together.
+    q = vision(args=["--prompt-cache-bytes", "0"])
+    a, b = start_ask(q, [img], max_tokens=300), start_ask(q, [img], max_tokens=300)
+    events, _ = _events(q, {a, b})
+    assert events.index(("chunk", b)) < events.index(("answer", a))
+
+
+def test_an_image_request_that_never_fits_is_refused(vision):
+    img = url_part(data_url(png(200, 150)))
+    probe = vision()
+    per, n, text_only = _kv_per_token(probe), _prompt_tokens(probe, [img]), _prompt_tokens(probe, [])
+    p = vision(args=["--kv-budget-bytes", str(per * (n + 100))])
+    err = ask(p, [img], max_tokens=200)[0]["error"]
+    assert err["code"] == -32602 and err["data"]["type"] == "exceeds_memory" and err["data"]["path"] == "/max_tokens"
+    assert err["data"]["kv_bytes_needed"] == per * (n + 200) and err["data"]["prompt_tokens"] == n
+    assert err["data"]["max_tokens_that_fit"] == 100
+    # The figure it gives fits.
+    assert result(ask(p, [img], max_tokens=100)[0])["usage"]["total_tokens"] == n + 100
+    # The image's tokens alone are too many: the prompt is what to shorten (the same text fits).
+    small = vision(args=["--kv-budget-bytes", str(per * (text_only + 20))])
+    err = ask(small, [img], max_tokens=1)[0]["error"]
+    assert err["code"] == -32602 and err["data"]["type"] == "exceeds_memory" and err["data"]["path"] == "/messages"
+    assert result(ask(small, [], max_tokens=4)[0])["usage"]["completion_tokens"] == 4
+    assert "result" in small.request("runtime/ping")[0]
+
+
+def test_a_text_stream_keeps_flowing_while_a_vision_model_loads(serve, tiny_model, vision_model):
+    """The processor, tokenizer and weights are read on the loader thread: the text stream makes
+    chunks between the load's first progress report and its last one (the old path, the whole load
+    on the engine thread, made none there: its only report came just before it blocked)."""
+    p = serve()
+    result(p.request("model/load", {"model": tiny_model, "id": "t"})[0])
+    run = p.start("generate", {"model": "t", "prompt": "Hello", "max_tokens": 100000,
+                               "stream_options": {"chunk_tokens": 1, "max_latency_ms": 0}})
+    while p.recv().get("method") != "generate/chunk":
+        pass
+    load = p.start("model/load", {"model": vision_model, "id": "v"})
+    events = []
+    while True:
+        msg = p.recv()
+        if msg.get("method") == "generate/chunk" and msg["params"]["id"] == run:
+            events.append("chunk")
+        elif msg.get("method") == "$/progress" and msg["params"]["token"] == load:
+            events.append(msg["params"]["value"]["kind"])
+        elif msg.get("id") == load:
+            assert result(msg)["kind"] == "vision"
+            break
+        else:
+            assert msg.get("id") != run, msg
+    reports = [i for i, e in enumerate(events) if e == "report"]
+    assert len(reports) >= 2, events
+    assert events[reports[0]:reports[-1]].count("chunk") >= 1, events
+    # The stream goes on after the load, and the new model answers.
+    while p.recv().get("method") != "generate/chunk":
+        pass
+    p.notify("$/cancelRequest", {"id": run})
+    assert p.wait(run)[0]["error"]["code"] == -32800
+    assert result(ask(p, [url_part(data_url(png()))])[0])["usage"]["completion_tokens"] == 8

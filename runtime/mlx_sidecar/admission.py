@@ -268,8 +268,7 @@ class Admission:
                 held += int(loaded.info.get("memory_bytes", 0))
                 if getattr(loaded, "draft", None) is not None:
                     held += int(loaded.draft.info.get("memory_bytes", 0))
-                if loaded.kind == "llm":
-                    held += engine.prompt_cache_bytes
+                held += engine.prompt_cache_bytes  # each model's runner keeps up to this much (vision.py's too)
         margin = max(int(total * MARGIN_FRACTION), MIN_MARGIN)
         return max(0, total - margin - held), source
 

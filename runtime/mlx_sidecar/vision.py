@@ -73,6 +73,192 @@ def load_parts(path, source: str, config: dict, trust_remote_code: bool):
     return model, tokenizer, processor
 
 
+# ---- loading off the engine thread: `read` on the loader thread, `build` on the engine thread ----
+@dataclass
+class Prepared:
+    """What the loader thread read for a vision model; `build` makes the model from it."""
+    base: object                 # models.Prepared: source, id, dtype, timing, (path, config), progress
+    model_class: object          # mlx-vlm's module for the architecture
+    model_config: object         # its ModelConfig
+    vlm_config: dict             # mlx-vlm's reading of config.json (generation_config merged)
+    weights: dict                # name → evaluated mx.array (target dtype)
+    dequantized: bool
+    declared_keys: set | None    # the index's weight names: modules it leaves out are dropped
+    tokenizer: object
+    processor: object
+
+
+def _vlm_weight_files(path) -> tuple[list, set | None]:
+    """The weight files mlx-vlm's loader would read, and the names the index declares."""
+    import json
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            files = sorted({str(path / f) for f in weight_map.values() if (path / f).exists()})
+            if files:
+                return files, set(weight_map)
+        except (ValueError, OSError):
+            pass
+    return sorted(str(f) for f in path.glob("*.safetensors") if f.name != "consolidated.safetensors"), None
+
+
+def _splittable(path, config: dict) -> bool:
+    """Layouts read here and built in pieces; others (custom model code, Hugging Face quantization
+    formats, offloaded experts) go through mlx-vlm's own loader, whole, on the engine thread."""
+    text = config.get("text_config") or config.get("llm_config") or {}
+    if config.get("model_file") or config.get("quantize_activations") or config.get("quantization_config") \
+            or text.get("quantization_config") or text.get("ple_storage"):
+        return False
+    if (path / "hf_quant_config.json").exists() or (path / "offload_index.json").exists():
+        return False
+    files, _ = _vlm_weight_files(path)
+    # models._read_weights reads model*.safetensors: the same files or the old path.
+    return bool(files) and files == sorted(str(f) for f in path.glob("model*.safetensors"))
+
+
+def _check_supported(source: str, config: dict):
+    """mlx-vlm's module for this architecture, or the load error the protocol types."""
+    try:
+        from mlx_vlm.utils import get_model_and_args
+    except ImportError:
+        raise RpcError(MODEL_LOAD_FAILED, f"{source!r} is a vision model ({config.get('model_type')}) but mlx-vlm is not installed; "
+                       "install the vlm extra (pip install 'mlx-sidecar[vlm]')", type="unsupported_architecture", model=source) from None
+    try:
+        return get_model_and_args(dict(config))[0]
+    except ValueError:
+        raise RpcError(MODEL_LOAD_FAILED, f"{source!r} is a vision model of type {config.get('model_type')!r}, which mlx-vlm does not support",
+                       type="unsupported_architecture", model=source) from None
+
+
+def _read_failed(e: Exception, source: str) -> RpcError:
+    text = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+    kind = "trust_remote_code_required" if "trust_remote_code" in text else "invalid_model"
+    return RpcError(MODEL_LOAD_FAILED, f"could not load the vision model {source!r}: {text}", type=kind, model=source)
+
+
+def read(prep, progress, cancelled):
+    """Loader thread: config, processor, tokenizer and weights (read and converted to the target
+    dtype on a CPU stream, each array evaluated here). Returns a Prepared, or `prep` unchanged
+    when the model must load whole on the engine thread (models.load, the old path)."""
+    from . import models
+
+    if prep.located is None or models._sharded():
+        return prep
+    path, config = prep.located
+    source, trc = prep.source, prep.trust_remote_code
+    model_class = _check_supported(source, config)
+    if not _splittable(path, config):
+        return prep
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+    from mlx_vlm.utils import load_config, load_image_processor, load_processor
+
+    eos = config.get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    try:
+        vlm_config = load_config(path, trust_remote_code=trc)
+        progress(0.2, "loading processor")
+        with _hub_offline():
+            image_processor = load_image_processor(path, trust_remote_code=trc)
+            processor = load_processor(path, True, eos_token_ids=vlm_config.get("eos_token_id"), trust_remote_code=trc)
+            if image_processor is not None:
+                processor.image_processor = image_processor
+            tokenizer = load_tokenizer(path, {"trust_remote_code": True} if trc else None, eos_token_ids=eos)
+    except RpcError:
+        raise
+    except Exception as e:
+        raise _read_failed(e, source) from None
+    progress(0.3, "reading weights")
+    import mlx.core as mx
+
+    with mx.stream(mx.cpu):  # as for text models: the accelerator stays the engine thread's
+        weights, dequantized = models._read_weights(path, source, config, models._target_dtype(prep.dtype, prep.device_type),
+                                                    progress, cancelled)
+    if weights is None:
+        return prep
+    if dequantized:  # the model is then built with plain layers
+        vlm_config.pop("quantization", None)
+    try:
+        model_config = _model_config(model_class, vlm_config, path)
+    except Exception as e:
+        raise _read_failed(e, source) from None
+    return Prepared(prep, model_class, model_config, vlm_config, weights, dequantized, _vlm_weight_files(path)[1], tokenizer, processor)
+
+
+def _model_config(model_class, config: dict, path):
+    """mlx-vlm's ModelConfig for a config dict, as its loader makes it (no MLX work)."""
+    from mlx_vlm.utils import apply_generation_config_defaults, update_module_configs
+
+    config.setdefault("text_config", config.pop("llm_config", {}))
+    config.setdefault("vision_config", {})
+    config.setdefault("audio_config", {})
+    model_config = model_class.ModelConfig.from_dict(config)
+    model_config = update_module_configs(model_config, model_class, config, ["text", "vision", "perceiver", "projector", "audio"])
+    model_config = apply_generation_config_defaults(model_config, config)
+    if hasattr(model_config, "model_path"):
+        model_config.model_path = str(path)
+    if "quantization" in config:  # the loader keeps the config's own view of it
+        for key in ("quantization", "quantization_config"):
+            if getattr(model_config, key, None) is not None:
+                config[key] = getattr(model_config, key)
+    return model_config
+
+
+def build(vp: Prepared):
+    """Engine thread, a generator (as models.build): make the module tree and load the finished
+    arrays (one piece), then evaluate what sanitizing or the dtype policy left lazy, about
+    models.PIECE_BYTES per piece. Returns the LoadedModel."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.utils import dequantize_model, get_total_parameters
+    from mlx_vlm.utils import load_model_weights, sanitize_weights
+
+    from . import models
+
+    prep = vp.base
+    path, config = prep.located
+    progress = prep.progress or (lambda *a, **k: None)
+    progress(0.85, "building model")
+    weights, vp.weights = vp.weights, None
+    cls, mc = vp.model_class, vp.model_config
+    try:
+        model = cls.Model(mc)
+        weights = sanitize_weights(model, weights)
+        for part, cfg in (("VisionModel", "vision_config"), ("LanguageModel", "text_config"), ("AudioModel", "audio_config")):
+            if hasattr(cls, part) and hasattr(mc, cfg):
+                weights = sanitize_weights(getattr(cls, part), weights, getattr(mc, cfg))
+        model = load_model_weights(model, vp.vlm_config, weights, path, lazy=True, declared_keys=vp.declared_keys,
+                                   trust_remote_code=prep.trust_remote_code)
+    except Exception as e:
+        raise _read_failed(e, prep.source) from None
+    del weights
+    yield
+    parameters = int(get_total_parameters(model))
+    quantization = None if vp.dequantized else config.get("quantization")
+    want = models._target_dtype(prep.dtype, prep.device_type)
+    if want is not None and quantization:
+        model, quantization = dequantize_model(model), None
+    target = getattr(mx, want) if want else None
+    group, size = [], 0
+    for name, a in tree_flatten(model.parameters()):
+        if target is not None and mx.issubdtype(a.dtype, mx.floating) and a.dtype != target:
+            a = a.astype(target)  # made by sanitize, or left quantized: the dtype policy still holds
+            model.update(tree_unflatten([(name, a)]))
+        group.append(a)
+        size += a.nbytes
+        if size >= models.PIECE_BYTES:
+            mx.eval(group)
+            group, size = [], 0
+            yield
+    mx.eval(group)
+    yield
+    info = models._info(prep.model_id, path, config, "vision", model, quantization, prep.started, parameters)
+    info["vision"] = describe(vp.processor, config)
+    return models.LoadedModel(id=prep.model_id, source=prep.source, path=path, kind="vision", model=model,
+                              tokenizer=vp.tokenizer, config=config, info=info, processor=vp.processor)
+
+
 def describe(processor, config: dict) -> dict:
     """What the processor accepts, for model/load and model/list."""
     ip = getattr(processor, "image_processor", None)
@@ -353,6 +539,8 @@ def _cancelled(why: str = "request cancelled") -> RpcError:
 class VisionRunner:
     """The engine's runner for one vision model (the same verbs as runners.ModelRunner)."""
 
+    admission = None  # the engine's Admission (admission.py): requests start only when their KV fits
+
     def __init__(self, loaded, max_batch: int, cache_bytes: int):
         self.loaded = loaded
         self.max_batch = max_batch
@@ -375,17 +563,32 @@ class VisionRunner:
 
     def step(self) -> None:
         self._sweep_cancelled()
-        if self.solo is not None and self.waiting and self._joinable(self.solo, self.waiting[0]):
+        # Waiting requests start in arrival order, each once its KV fits in the budget (admission.py).
+        if self.solo is not None and self.waiting and self._joinable(self.solo, self.waiting[0]) and self._fits(self.waiting[0]):
             self._move_solo_into_batch()
-        if self.solo is None and self.waiting:
-            if self.generator is not None or (self.max_batch > 1 and len(self.waiting) > 1 and self._batchable(self.waiting[0])):
+        if self.solo is None and self.waiting and self._fits(self.waiting[0]):
+            if self.generator is not None or (self.max_batch > 1 and len(self.waiting) > 1 and self._batchable(self.waiting[0])
+                                              and self._two_fit()):
                 self._fill_batch()
-            if self.generator is None and self.waiting:
-                self._start(self.waiting.popleft())
+            if self.generator is None and self.waiting and self._fits(self.waiting[0]):
+                gen = self.waiting.popleft()
+                self._reserve(gen)
+                self._start(gen)
         if self.solo is not None:
             self._step()
         if self.active:
             self._step_batch()
+
+    def _fits(self, gen) -> bool:
+        return self.admission is None or self.admission.fits(gen)
+
+    def _two_fit(self) -> bool:
+        # A new batch only when its first two requests fit together; else the first runs alone.
+        return self.admission is None or self.admission.fits(self.waiting[0], also=self.waiting[1])
+
+    def _reserve(self, gen) -> None:
+        if self.admission is not None:
+            self.admission.reserve(gen)
 
     def abort(self, error_factory) -> None:
         for gen in list(self.waiting) + list(self.active.values()) + ([self.solo] if self.solo else []):
@@ -462,8 +665,10 @@ class VisionRunner:
         if self.generator is None:
             self._new_batch(self.waiting[0].sampler)
         # Joiners in arrival order while they fit; the first that cannot join waits for the batch to end.
-        while self.waiting and len(self.active) < self.max_batch and self._batchable(self.waiting[0], self._batch_sampler):
+        while self.waiting and len(self.active) < self.max_batch and self._batchable(self.waiting[0], self._batch_sampler) \
+                and self._fits(self.waiting[0]):
             gen = self.waiting.popleft()
+            self._reserve(gen)
             try:
                 uid = self._insert(gen)
             except Exception as e:

@@ -121,7 +121,10 @@ class LoadJob:
         return True
 
     def _build(self, engine):
-        loaded = yield from models.build(self._main)
+        from .. import vision
+
+        build = vision.build if isinstance(self._main, vision.Prepared) else models.build
+        loaded = yield from build(self._main)
         if self._draft is not None:
             self._progress(0.9, f"building draft {self.params['draft_model']}")
             try:
@@ -151,6 +154,10 @@ class LoadJob:
                     device_type=self._device, cancelled=lambda: self.req.cancel_requested)
         try:
             main = models.read(self.source, model_id=self.model_id, progress=self._progress, **opts)
+            from .. import vision
+
+            if main.located is not None and vision.is_vision_config(main.located[1]):
+                main = vision.read(main, self._progress, opts["cancelled"])  # a vision.Prepared, or main for the old path
             if "draft_model" in self.params:
                 self._progress(0.8, f"loading draft {self.params['draft_model']}")
                 self._draft = models.read(self.params["draft_model"], model_id=f"{self.model_id}#draft",
