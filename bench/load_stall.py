@@ -1,6 +1,9 @@
 """Load-while-serving stall: what a running stream on model A feels while model B loads.
 
-    .venv/bin/python bench/load_stall.py [--a default|small] [--b default|small|PATH] [--runs 3] [--compare]
+    .venv/bin/python bench/load_stall.py [--a default|small] [--b default|small|vision|vision-big|PATH] [--runs 3] [--compare]
+
+B may be a vision model (mlx-vlm): `vision` is the tests' tiny random qwen2_vl, `vision-big` a
+random qwen2_vl of ~108M parameters (12 text layers of 768, 8 vision blocks of 512; bfloat16 on disk).
 
 One stream decodes on A (a chunk per token); after 40 of its tokens `model/load` for B is sent.
 Reported per run: A's token time before the load (elapsed ÷ tokens: chunks can arrive in bursts,
@@ -11,6 +14,7 @@ the engine thread) is measured with MLX_SIDECAR_LOAD_ON_ENGINE=1 when --compare 
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -62,10 +66,36 @@ def one(a_model, b_model, env=None):
             "load_s": round(load_done - load_sent, 2), "a_tokens_during_load": sum(1 for t in times if load_sent < t <= load_done)}
 
 
+def big_vision_model(directory):
+    """The tests' tiny qwen2_vl directory (tokenizer, processor files) with ~108M random parameters."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_vlm.models import qwen2_vl
+
+    from mlx_sidecar.testing.vision import make_vision_model
+
+    out = make_vision_model(directory)
+    config = json.loads((out / "config.json").read_text())
+    config.update(hidden_size=768, num_hidden_layers=12, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=4)
+    config["rope_scaling"]["mrope_section"] = [8, 12, 12]   # head_dim 64: the sections sum to 32
+    config["vision_config"].update(depth=8, embed_dim=512, hidden_size=768, num_heads=8, mlp_ratio=4)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    args = qwen2_vl.ModelConfig.from_dict(json.loads(json.dumps(config)))
+    args.text_config = qwen2_vl.TextConfig.from_dict(args.text_config)
+    args.vision_config = qwen2_vl.VisionConfig.from_dict(config["vision_config"])
+    # bfloat16 on disk, as models ship: the load converts it to the runtime's dtype (float32 on CPU).
+    weights = {k: v.astype(mx.bfloat16) for k, v in tree_flatten(qwen2_vl.Model(args).parameters())}
+    for name, w in list(weights.items()):
+        if w.ndim == 5:  # saved in PyTorch's conv layout, which mlx-vlm transposes at load
+            weights[name] = w.transpose(0, 4, 1, 2, 3)
+    mx.save_safetensors(str(out / "model.safetensors"), weights)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--a", default="small", help="model A, the one streaming: default (the built-in model) or a testing preset")
-    ap.add_argument("--b", default="small", help="model B, the one loading: default (the built-in model), a preset, or a path")
+    ap.add_argument("--b", default="small", help="model B, the one loading: default (the built-in model), a preset, vision, vision-big, or a path")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--compare", action="store_true", help="also measure the old path (the whole load on the engine thread)")
     ap.add_argument("--json")
@@ -75,6 +105,12 @@ def main():
     b_model = args.b
     if b_model in ("tiny", "small"):
         b_model = str(make_model(os.path.join(tmp, "b"), preset=b_model))
+    elif b_model == "vision":
+        from mlx_sidecar.testing.vision import make_vision_model
+
+        b_model = str(make_vision_model(os.path.join(tmp, "b")))
+    elif b_model == "vision-big":
+        b_model = str(big_vision_model(os.path.join(tmp, "b")))
     modes = [("off the engine thread", None)]
     if args.compare:
         modes.insert(0, ("on the engine thread (old)", dict(os.environ, MLX_SIDECAR_LOAD_ON_ENGINE="1")))
@@ -91,6 +127,7 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    shutil.rmtree(tmp, ignore_errors=True)  # the models made for this run (vision-big: ~215 MB)
 
 
 if __name__ == "__main__":
