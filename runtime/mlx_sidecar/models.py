@@ -3,8 +3,9 @@
 A text model is read on the loader thread (`read`: source, config, tokenizer, weights converted to
 the target dtype) and built on the engine thread in small pieces (`build`). MLX streams are per
 thread (mlx >= 0.31.2): what the loader makes it evaluates itself, so the engine only receives
-finished arrays. Vision models, custom model code and legacy quantization formats load in one
-piece on the engine thread (`load`), as everything did before."""
+finished arrays. Vision models are read and built the same way by vision.py (`read`, `build`);
+custom model code and legacy quantization formats load in one piece on the engine thread (`load`),
+as everything did before."""
 
 import gc
 import json
@@ -183,7 +184,7 @@ def read(source: str, *, model_id: str, dtype: str, trust_remote_code: bool, dev
 
     if _sharded() or vision.is_vision_config(config) or config.get("model_file") or config.get("quantize_activations") \
             or (config.get("quantization_config") and not config.get("quantization")):
-        return prep  # mlx-vlm, custom model code, legacy quantization formats: mlx's own loaders, on the engine
+        return prep  # vision models (vision.read takes them from here), custom model code, legacy quantization: on the engine
     from mlx_lm.utils import load_config, load_tokenizer
 
     try:
