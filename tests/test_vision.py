@@ -573,3 +573,24 @@ def test_a_text_stream_keeps_flowing_while_a_vision_model_loads(serve, tiny_mode
     p.notify("$/cancelRequest", {"id": run})
     assert p.wait(run)[0]["error"]["code"] == -32800
     assert result(ask(p, [url_part(data_url(png()))])[0])["usage"]["completion_tokens"] == 8
+
+
+def test_a_vision_model_read_off_the_engine_matches_the_one_piece_load(serve, vision_model, monkeypatch):
+    """The same ModelInfo and the same greedy answer as the old path (mlx-vlm's whole load on the
+    engine thread, MLX_SIDECAR_LOAD_ON_ENGINE=1), whose progress has none of the loader's reports."""
+    img = [url_part(data_url(png(color=(10, 120, 240))))]
+    seen = []
+    for old in (True, False):
+        if old:
+            monkeypatch.setenv("MLX_SIDECAR_LOAD_ON_ENGINE", "1")
+        else:
+            monkeypatch.delenv("MLX_SIDECAR_LOAD_ON_ENGINE")
+        p = serve(args=["--prompt-cache-bytes", "0"])
+        answer, notes = p.request("model/load", {"model": vision_model, "id": "v"})
+        info = dict(result(answer))
+        del info["load_ms"]
+        messages = [n["params"]["value"].get("message") for n in notes if n.get("method") == "$/progress"]
+        seen.append((info, result(ask(p, img, max_tokens=16)[0])["text"], "reading weights" in messages))
+    (old_info, old_text, old_read), (info, text, read) = seen
+    assert info == old_info and text == old_text
+    assert read and not old_read
