@@ -160,6 +160,7 @@ class Follower:
         runner = self.runners.get(gen.model_id)
         if runner is None or runner.loaded is not loaded:
             runner = self.runners[gen.model_id] = ModelRunner(loaded, self.max_batch, self.cache_bytes)
+            runner.fuse = False  # as rank 0 does in a group: mlx-lm's own two forwards per step
         runner.add(gen)
 
     def _step(self, msg) -> None:

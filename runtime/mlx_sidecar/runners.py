@@ -14,6 +14,7 @@ drafts. Either way no stream waits more than one step for it."""
 
 import collections
 import logging
+import os
 import time
 
 from . import defaults, logprobs, speculative
@@ -36,6 +37,9 @@ class _Cancelled(Exception):
 
 class ModelRunner:
     admission = None  # the engine's Admission (admission.py): requests start only when their KV fits
+    # Decode rows and a prompt slice in one forward where the architecture allows (fused.py);
+    # MLX_SIDECAR_FUSED=0 keeps mlx-lm's two forwards per step, for bench/head_of_line.py --compare only.
+    fuse = os.environ.get("MLX_SIDECAR_FUSED", "1") != "0"
 
     def __init__(self, loaded, max_batch: int, cache_bytes: int):
         from mlx_lm.models.cache import LRUPromptCache, make_prompt_cache
@@ -55,6 +59,7 @@ class ModelRunner:
         self._batch_s = None          # recent seconds per batch step (moving average)
         self._batch_steps = 0
         self._moved = False           # a lone request just moved into the batch: no prompt slice this step
+        self._fusing = False          # the generator holds a fused.FusingModel
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.active) + (self.solo is not None)
@@ -253,7 +258,13 @@ class ModelRunner:
         from mlx_lm.generate import BatchGenerator, StopSequences
 
         if self.generator is None:
-            self.generator = BatchGenerator(self.loaded.model, completion_batch_size=self.max_batch,
+            model = self.loaded.model
+            if self.fuse:
+                from . import fused
+
+                model = fused.FusingModel(model) if fused.prepare(model) else model
+            self._fusing = model is not self.loaded.model
+            self.generator = BatchGenerator(model, completion_batch_size=self.max_batch,
                                             prefill_batch_size=min(self.max_batch, 8), prefill_step_size=PREFILL_STEP)
         uid = self.generator.insert(
             [prompt], max_tokens=[max_tokens],
@@ -281,10 +292,19 @@ class ModelRunner:
         size = self.pacer.slice(decoding, waiting_first)
         self.generator.prefill_step_size = 0 if self._moved else size
         self._moved = False
+        fusing = self._fusing
         try:
+            if fusing:  # a plain slice beside decoding rows: one forward for both (fused.py)
+                from . import fused
+
+                rows = fused.planned_slice(self.generator)
+                if rows is not None:
+                    self.generator.model.arm(self.generator, rows)
             started = time.perf_counter()
             prompt_responses, responses = self.generator.next()
             took = time.perf_counter() - started
+            if fusing and not self.generator.model.disarm():
+                raise RuntimeError("fused step: the prompt slice was computed but the batch never took it")
             self.pacer.observe(prompt_responses, took, bool(responses))
             if prompt_responses and log.isEnabledFor(logging.DEBUG):  # --log-level debug: what pacing did
                 log.debug("batch step %.1f ms: %d decoded, prompt slice %d, prompts at %s", took * 1000, len(responses),
