@@ -10,7 +10,7 @@ import time
 from . import spec
 from .errors import (CANCELLED, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND,
                      RpcError, internal)
-from .methods import HANDLERS, NOTIFICATIONS, PENDING
+from .methods import PENDING, handler as method_handler, notification_handler
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class Dispatcher:
             return self._notification(method, params, received)
         if self.inflight.shutting_down and method != "exit":
             return reject(reply_id, RpcError(INVALID_REQUEST, "shutting down: no new requests are accepted after shutdown", type="shutting_down"))
-        handler = HANDLERS.get(method)
+        handler = method_handler(method)
         if handler is None:
             return reject(reply_id, RpcError(METHOD_NOT_FOUND, f"method {method!r} does not exist; initialize lists the methods", method=method))
         if self.inflight.get(id) is not None:
@@ -202,7 +202,7 @@ class Dispatcher:
         reject(id, error)
 
     def _notification(self, method, params, received) -> None:
-        handler = NOTIFICATIONS.get(method)
+        handler = notification_handler(method)
         if handler is None or (self.inflight.shutting_down and method not in ("exit", "$/cancelRequest")):
             if not method.startswith("$/"):
                 log.warning("ignored notification %r (%s)", method, "shutting down" if handler else

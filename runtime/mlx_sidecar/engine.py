@@ -11,13 +11,11 @@ import sys
 import threading
 import time
 
-from . import blas, defaults, distributed
+from . import blas, defaults
 from .admission import Admission
-from . import models as model_files
 from .errors import MODEL_UNLOADED, RpcError, internal
 from .loader import Loader
 from .residency import Residency
-from .runners import ModelRunner, cancelled_error
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +36,8 @@ class Engine:
         self.admission = Admission()    # KV budget and context cap (admission.py); set by the CLI
         self.admission.engine = self
         self._stalled = stalled         # True while the host is not reading our output
-        self.group = distributed.GROUP  # rank 0 of a group serving sharded models (distributed.py), or None
+        # Rank 0 of a group serving sharded models (distributed.py, set up by the CLI), or None.
+        self.group = getattr(sys.modules.get(f"{__package__}.distributed"), "GROUP", None)
         self._inbox: collections.deque = collections.deque()
         self._cv = threading.Condition()
         self._runners: dict = {}        # model id → runner
@@ -141,6 +140,8 @@ class Engine:
                 if self.group is not None:
                     self.group.stop()
                 for runner in self._runners.values():
+                    from .runners import cancelled_error
+
                     runner.abort(lambda: cancelled_error("request cancelled: the runtime is stopping"))
                 return
             if self._jobs:
@@ -295,6 +296,8 @@ class Engine:
             return
         self.abort_model(model_id)  # nothing in flight: this drops its runner and prompt cache
         self.residency.unloaded(model_id, loaded.info)  # from here a request naming it reloads it
+        from . import models as model_files
+
         model_files.release(loaded)
         self._snapshot_memory()
         del self.models[model_id]  # last: model/list shows it unloaded once its memory is back
@@ -338,7 +341,8 @@ class Engine:
         runner = self._runners.get(gen.model_id)
         if runner is None or runner.loaded is not gen.loaded:
             # Vision models have their own runner (vision.py); text models decode in runners.py.
-            make = ModelRunner
+            from .runners import ModelRunner as make
+
             if gen.loaded.kind == "vision":
                 from .vision import VisionRunner as make
             runner = self._runners[gen.model_id] = make(gen.loaded, self.max_batch, self.prompt_cache_bytes)

@@ -10,13 +10,12 @@ import sys
 import threading
 import time
 
-from . import defaults, framing, metrics
+from . import defaults, framing, methods, metrics
 from .context import Context
 from .dispatcher import Dispatcher
 from .engine import Engine
 from .errors import CANCELLED, RpcError
 from .inflight import InFlight
-from .methods.runtime import snapshot
 from .writer import Writer
 
 log = logging.getLogger(__name__)
@@ -44,22 +43,37 @@ class Server:
         from .images import Options
 
         self.ctx.images = image_options if image_options is not None else Options()
-        from .methods.model import reload_job
-
         # Models unloaded by --idle-unload/--max-models come back when a request names them.
-        self.engine.make_reload = lambda params, trigger: reload_job(self.ctx, params, trigger)
+        self.engine.make_reload = self._reload_job
         self.engine.generations_for = self.inflight.generations
         # $/metrics every initialize.metrics_interval_ms, sent from its own thread.
-        self.ctx.metrics_ticker = metrics.Ticker(lambda: snapshot(self.ctx), lambda msg: self.ctx.writer.send(msg),
+        self.ctx.metrics_ticker = metrics.Ticker(self._snapshot, lambda msg: self.ctx.writer.send(msg),
                                                  stalled=lambda: self.ctx.writer is None or self.ctx.writer.stalled())
+
+    # The handlers' modules are imported on first use (methods/__init__.py), not before initialize.
+    def _reload_job(self, params, trigger):
+        from .methods.model import reload_job
+
+        return reload_job(self.ctx, params, trigger)
+
+    def _snapshot(self) -> dict:
+        from .methods.runtime import snapshot
+
+        return snapshot(self.ctx)
+
+    def _import_handlers(self) -> None:
+        # Once the first answer is written, import the rest, so the first generate does not wait on it.
+        self.ctx.writer.flush(2.0)
+        methods.preload()
 
     # ---- lifecycle ----
     def serve(self, in_fd: int, out_fd: int) -> int:
         """Serve until exit, EOF or stop(); returns the exit code once everything is answered."""
-        from .methods.model import LoggedLoad, queue_load
+        if self.preload:
+            from .methods.model import LoggedLoad, queue_load
 
-        for source in self.preload:
-            queue_load(self.ctx, LoggedLoad(source), source, source)
+            for source in self.preload:
+                queue_load(self.ctx, LoggedLoad(source), source, source)
         reader = threading.Thread(target=self._read, args=(in_fd, out_fd), name="mlx-sidecar-reader", daemon=True)
         reader.start()
         while not self._stop.wait(0.5):
@@ -92,12 +106,16 @@ class Server:
         self.ctx.writer = Writer(out_fd, codec.encode, on_broken_pipe=lambda: self.stop(0))
         log.debug("framing: %s", name)
         dispatcher = Dispatcher(self.ctx)
+        importer = threading.Thread(target=self._import_handlers, name="mlx-sidecar-imports", daemon=True)
         pending = first
         # A failure in the reader must never end the process: log it, start a fresh reader, go on.
         while pending is not None and not self._stop.is_set():
             try:
                 for frame in codec.Reader(read, self.ctx.max_frame_bytes, pending):
                     dispatcher.handle(frame)
+                    if importer is not None:
+                        importer.start()
+                        importer = None
                     if self._stop.is_set():
                         return
                 pending = None
