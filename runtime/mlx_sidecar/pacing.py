@@ -7,14 +7,16 @@ step times so that prefilling takes about `factor` times the decode step: the ru
 gap stays near (1 + factor) times their token time, and a long prompt still moves at full speed
 whenever nobody is waiting for a token."""
 
-MIN_SLICE = 16     # tokens: below this the per-step overhead dominates
+MIN_SLICE = 16     # tokens: below this a slice's own forward (all weights read) dominates its cost
+FUSED_MIN_SLICE = 4  # tokens, when the slice rides in the decode rows' forward (fused.py): no forward of its own
 MAX_SLICE = 512    # tokens: a step when nobody is decoding (cancellation is seen between steps)
 ALPHA = 0.3        # weight of the newest measurement in the running averages
 
 
 class PrefillPacer:
-    def __init__(self, factor: float):
+    def __init__(self, factor: float, floor: int = MIN_SLICE):
         self.factor = factor             # 0: no pacing, always MAX_SLICE
+        self.floor = floor               # the smallest slice while others decode
         self.decode_s = None             # a decode-only step, seconds (running average)
         self.step_tokens = MIN_SLICE     # prompt tokens per paced step, all prompts together
         self._progress: dict = {}        # uid → prompt tokens done, from the generator's responses
@@ -26,8 +28,8 @@ class PrefillPacer:
         if not self._progress:
             # A new prompt at context 0: start at the floor and grow (at most 2x a step) from what
             # its slices cost; a size learnt deep in an earlier prompt's context, or guessed, can overshoot.
-            self.step_tokens = MIN_SLICE
-        return int(max(MIN_SLICE, min(MAX_SLICE, self.step_tokens / prompting)))
+            self.step_tokens = self.floor
+        return int(max(self.floor, min(MAX_SLICE, self.step_tokens / prompting)))
 
     def observe(self, prompt_responses, seconds: float, decoded: bool) -> None:
         """Learn from one `next()`: its duration, whether it decoded, how many prompt tokens it took.
@@ -49,7 +51,7 @@ class PrefillPacer:
             return
         prefill_s = max(seconds - self.decode_s, 1e-4)
         ratio = min(2.0, max(0.5, self.factor * self.decode_s / prefill_s))
-        self.step_tokens = max(MIN_SLICE, min(MAX_SLICE * 8, self.step_tokens * ratio))
+        self.step_tokens = max(self.floor, min(MAX_SLICE * 8, self.step_tokens * ratio))
 
     def observe_decode(self, seconds: float) -> None:
         """A decode step measured elsewhere (a request running alone)."""

@@ -18,6 +18,7 @@ import os
 import time
 
 from . import defaults, logprobs, speculative
+from . import pacing
 from .pacing import PrefillPacer
 from .errors import CANCELLED, GENERATION_FAILED, RpcError
 from .sampling import heal_random_state
@@ -264,6 +265,7 @@ class ModelRunner:
 
                 model = fused.FusingModel(model) if fused.prepare(model) else model
             self._fusing = model is not self.loaded.model
+            self.pacer.floor = pacing.FUSED_MIN_SLICE if self._fusing else pacing.MIN_SLICE
             self.generator = BatchGenerator(model, completion_batch_size=self.max_batch,
                                             prefill_batch_size=min(self.max_batch, 8), prefill_step_size=PREFILL_STEP)
         uid = self.generator.insert(
