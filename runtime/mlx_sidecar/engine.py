@@ -346,6 +346,8 @@ class Engine:
             if gen.loaded.kind == "vision":
                 from .vision import VisionRunner as make
             runner = self._runners[gen.model_id] = make(gen.loaded, self.max_batch, self.prompt_cache_bytes)
+            if self.group is not None:
+                runner.fuse = False  # ranks run mlx-lm's own two forwards per step, as followers do
             if hasattr(runner, "pacer"):
                 runner.pacer.factor = self.prefill_factor
             runner.admission = self.admission
