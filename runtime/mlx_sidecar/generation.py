@@ -173,11 +173,12 @@ class Generation:
             item = logprobs.entry(self._table, token, lp[0], lp[1])
             self.logprob_items.append(item)
         if self.buf is not None:
-            extra = {"tool_calls": deltas} if deltas else {}
-            if drafted:
-                extra["draft_tokens"] = 1   # the writer sums these per chunk
-            self.writer.add_tokens(self.buf, token, piece, flush=self.completion == 1, logprobs=item,
-                                   extra=extra or None)
+            extra = None  # other chunk fields; a plain token allocates nothing here
+            if deltas or drafted:
+                extra = {"tool_calls": deltas} if deltas else {}
+                if drafted:
+                    extra["draft_tokens"] = 1   # the writer sums these per chunk
+            self.writer.add_tokens(self.buf, token, piece, self.completion == 1, item, extra)
         if self.stops.stopped:
             self.finish("stop")
             return True
