@@ -6,13 +6,13 @@ factors (--prefill-slice-factor), through the real runtime.
 For each factor: one stream decodes (chunk per token); after 8 of its tokens a long prompt is sent.
 Reported: the stream's median gap before the join, its worst gap while the long prompt prefills
 (÷ median), the long prompt's time to first token (÷ its time alone, same runtime and factor), and
-both requests' tokens per second.
+the aggregate work while it prefilled (its prompt tokens + the stream's tokens, per second).
+`MLX_SIDECAR_FUSED=0` in the environment runs mlx-lm's two forwards per step instead of fused.py's one.
 
     .venv/bin/python bench/head_of_line.py --slice-costs [--default-model | --preset small]
 
-In-process, no runtime: what one forward of k prompt tokens costs at a given context (median of 5),
-and a one-token step at context 16 (a running stream's decode step). A paced step runs the decode
-step and the slice as two forwards, so a running stream's gap is at least the two together."""
+In-process, no runtime: what a running stream's batch step costs with a k-token prompt slice at a
+given context, as mlx-lm's two forwards (decode rows, then the slice) and as fused.py's one."""
 
 import argparse
 import json
@@ -107,12 +107,20 @@ def one(model, factor, tokens):
     return {"factor": factor, "median_gap_ms": round(median * 1000, 1), "worst_gap_ms": round(max(during) * 1000, 1),
             "worst_over_median": round(max(during) / median, 1), "long_ttft_s": round(long_first - long_sent, 2),
             "solo_ttft_s": round(solo_ttft, 2), "ttft_over_solo": round((long_first - long_sent) / solo_ttft, 2),
-            "stream_tokens_during_prefill": sum(1 for t in times if long_sent < t <= long_first)}
+            "stream_tokens_during_prefill": sum(1 for t in times if long_sent < t <= long_first),
+            # Work done per second while the long prompt prefilled: its prompt tokens and the stream's tokens.
+            "aggregate_tok_s": round((tokens + sum(1 for t in times if long_sent < t <= long_first)) / (long_first - long_sent), 1)}
 
 
-def slice_costs(model_dir, contexts=(16, 1000, 2000, 2500), sizes=(1, 16, 64, 256)) -> None:
+def slice_costs(model_dir, contexts=(16, 1000, 2000, 2500), sizes=(1, 4, 16, 64)) -> None:
+    """A running stream's batch step with a k-token prompt slice at a given context, as mlx-lm's two
+    forwards (decode rows, then the slice) and as fused.py's one, median of 5 each; and the decode
+    step alone. Both as the runtime runs them: BatchKVCache caches, the stream at context 100."""
     import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+    from mlx_lm.generate import _merge_caches
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_sidecar import fused
 
     if model_dir == "default":
         import smollm2_speed as sm
@@ -123,26 +131,43 @@ def slice_costs(model_dir, contexts=(16, 1000, 2000, 2500), sizes=(1, 16, 64, 25
         from mlx_lm import load
 
         model, _ = load(model_dir)
+    assert fused.prepare(model)
 
-    def forward_ms(cache, k):
+    def filled(n):
+        cache = make_prompt_cache(model)
+        ids = mx.array([[5 + i % 300 for i in range(n)]])
+        for i in range(0, n, 512):
+            model(ids[:, i:i + 512], cache=cache)
+            mx.eval([c.state for c in cache])
+        return _merge_caches([cache])
+
+    def ms(step, gen, prompt, k):
         times = []
         for _ in range(5):
             started = time.perf_counter()
-            model(mx.array([[7] * k]), cache=cache)
-            mx.eval([c.state for c in cache])
+            out = step()
+            mx.eval(out, [c.state for c in gen], [c.state for c in prompt])
             times.append(time.perf_counter() - started)
-            trim_prompt_cache(cache, k)  # back to the same context for the next try
+            for c in gen:
+                c.trim(1)  # back to the same contexts for the next try
+            for c in prompt:
+                c.trim(k)
         return statistics.median(times) * 1000
 
-    print("| context | " + " | ".join(f"{k} tokens" for k in sizes) + " |")
+    gen = filled(100)
+    decode = ms(lambda: model(mx.array([[3]]), cache=gen), gen, [], 0)
+    print(f"decode step alone (context 100): {decode:.1f} ms")
+    print("| context | " + " | ".join(f"{k} tokens: two forwards / fused" for k in sizes) + " |")
     print("| ---: |" + " ---: |" * len(sizes))
     for ctx in contexts:
-        cache = make_prompt_cache(model)
-        ids = mx.array([[5 + i % 300 for i in range(ctx)]])
-        for i in range(0, ctx, 512):
-            model(ids[:, i:i + 512], cache=cache)
-            mx.eval([c.state for c in cache])
-        print(f"| {ctx} | " + " | ".join(f"{forward_ms(cache, k):.1f} ms" for k in sizes) + " |")
+        prompt = filled(ctx)
+        cells = []
+        for k in sizes:
+            toks = mx.array([[7] * k])
+            two = ms(lambda: [model(mx.array([[3]]), cache=gen), model(toks, cache=prompt)], gen, prompt, k)
+            one = ms(lambda: fused.forward(model, mx.array([[3]]), gen, toks, prompt), gen, prompt, k)
+            cells.append(f"{two:.1f} / {one:.1f} ms")
+        print(f"| {ctx} | " + " | ".join(cells) + " |")
 
 
 def main():
@@ -164,11 +189,14 @@ def main():
     if args.slice_costs:
         return slice_costs(model)
     rows = [one(model, float(f), args.prompt_tokens) for f in args.factors.split(",")]
-    print("| factor | median gap | worst gap | worst ÷ median | stream tokens during prefill | long TTFT | alone | ÷ alone |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    fused = "two forwards per step (MLX_SIDECAR_FUSED=0)" if os.environ.get("MLX_SIDECAR_FUSED") == "0" else "fused steps"
+    print(f"{fused}, {args.prompt_tokens}-token prompt, {'default model' if args.default_model else args.preset}")
+    print("| factor | median gap | worst gap | worst ÷ median | stream tokens during prefill | long TTFT | alone | ÷ alone | aggregate tok/s |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['factor']:g} | {r['median_gap_ms']} ms | {r['worst_gap_ms']} ms | {r['worst_over_median']} | "
-              f"{r['stream_tokens_during_prefill']} | {r['long_ttft_s']} s | {r['solo_ttft_s']} s | {r['ttft_over_solo']} |")
+              f"{r['stream_tokens_during_prefill']} | {r['long_ttft_s']} s | {r['solo_ttft_s']} s | {r['ttft_over_solo']} | "
+              f"{r['aggregate_tok_s']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

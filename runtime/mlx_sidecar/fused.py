@@ -4,9 +4,9 @@ mlx-lm's BatchGenerator runs a step as two model calls, the decode rows' and the
 slice's, and each reads every weight. On a machine where that read is most of a decode step, a
 running stream's gap is two forwards and a long prompt pays a whole extra forward per slice.
 Here, when a step is a plain slice beside decoding rows, both go through the model as one
-sequence: embeddings, norms and MLPs see decode and slice tokens in one matmul, each attention
-runs once per part with that part's cache and mask, and the last norm keeps only the decode rows,
-so the vocabulary projection runs for them alone. mlx-lm's own step logic stays as it is: the
+sequence: embeddings, norms, MLPs and the attention projections see decode and slice tokens in one
+matmul, rope, the KV cache and attention run per part with that part's cache and mask, and the last
+norm keeps only the decode rows, so the vocabulary projection runs for them alone. mlx-lm's own step logic stays as it is: the
 model it holds is a `FusingModel` that is told before `next()` which slice the step will take,
 serves the decode call with the fused forward and the slice's call from what that forward wrote.
 
@@ -17,7 +17,8 @@ from __future__ import annotations
 import mlx.core as mx
 
 # model_type values whose modules follow the layout used here: layers[i].self_attn(x, mask, cache)
-# and a final `model.norm` right before the vocabulary projection.
+# with llama's projections, heads and rope (qwen3: plus per-head norms), and a final `model.norm`
+# right before the vocabulary projection.
 ARCHITECTURES = frozenset({"llama", "qwen2", "qwen3", "mistral"})
 
 _rows = None  # decode rows of the fused forward running now (the engine thread is the only caller)
@@ -45,14 +46,35 @@ def _attention_call(base):
     def __call__(self, x, mask=None, cache=None, **kwargs):
         if not isinstance(cache, _Parts):
             return base(self, x, mask, cache, **kwargs)
-        rows, prompts, length = cache.rows, cache.prompts, cache.length
-        gen_mask, prompt_mask = (mask.gen, mask.prompt) if isinstance(mask, _Masks) else (mask, mask)
-        dim = x.shape[-1]
-        decoded = base(self, x[:, :rows].reshape(rows, 1, dim), gen_mask, cache.gen, **kwargs)
-        prompted = base(self, x[:, rows:].reshape(prompts, length, dim), prompt_mask, cache.prompt, **kwargs)
-        out = decoded.shape[-1]
-        return mx.concatenate([decoded.reshape(1, rows, out), prompted.reshape(1, prompts * length, out)], axis=1)
+        masks = (mask.gen, mask.prompt) if isinstance(mask, _Masks) else (mask, mask)
+        # The projections see both parts at once (each weight read once); rope, the cache and the
+        # attention itself run per part, as mlx-lm's Attention.__call__ does for one batch.
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        shapes = ((cache.rows, 1), (cache.prompts, cache.length))
+        out, at = [], 0
+        for (rows, length), part_mask, part_cache in zip(shapes, masks, (cache.gen, cache.prompt)):
+            end = at + rows * length
+            out.append(_attend(self, q[:, at:end], k[:, at:end], v[:, at:end], rows, length, part_mask, part_cache))
+            at = end
+        return self.o_proj(mx.concatenate(out, axis=1))
     return __call__
+
+
+def _attend(self, q, k, v, rows, length, mask, cache):
+    """One part's attention, from its projections: what llama's, qwen2's and qwen3's Attention do
+    between their projections and o_proj (qwen3 adds the per-head norms)."""
+    from mlx_lm.models.base import scaled_dot_product_attention
+
+    q = q.reshape(rows, length, self.n_heads, -1)
+    k = k.reshape(rows, length, self.n_kv_heads, -1)
+    if hasattr(self, "q_norm"):
+        q, k = self.q_norm(q), self.k_norm(k)
+    q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+    v = v.reshape(rows, length, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    q, k = self.rope(q, offset=cache.offset), self.rope(k, offset=cache.offset)
+    k, v = cache.update_and_fetch(k, v)
+    o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+    return o.transpose(0, 2, 1, 3).reshape(1, rows * length, -1)
 
 
 def _final_norm_call(base):
@@ -88,7 +110,9 @@ def prepare(model) -> bool:
     if not all(type(c) is KVCache for c in make_prompt_cache(model)):
         return False  # sliding windows, quantized or recurrent caches: masks and offsets differ
     norm, layers = getattr(inner, "norm", None), getattr(inner, "layers", None)
-    if norm is None or not layers or not all(hasattr(layer, "self_attn") for layer in layers):
+    needed = ("q_proj", "k_proj", "v_proj", "o_proj", "n_heads", "n_kv_heads", "scale", "rope")
+    if norm is None or not layers or not all(all(hasattr(getattr(layer, "self_attn", None), a) for a in needed)
+                                             for layer in layers):
         return False
     for layer in layers:
         _swap_class(layer.self_attn, _attention_call)
