@@ -14,7 +14,11 @@ Only architectures whose layout this was checked against (tests/test_fused.py) t
 
 from __future__ import annotations
 
+import logging
+
 import mlx.core as mx
+
+log = logging.getLogger(__name__)
 
 # model_type values whose modules follow the layout used here: layers[i].self_attn(x, mask, cache)
 # with llama's projections, heads and rope (qwen3: plus per-head norms), and a final `model.norm`
@@ -136,6 +140,20 @@ def forward(model, inputs, gen_cache, tokens, prompt_cache):
 
 
 def planned_slice(generator):
+    try:
+        return _planned_slice(generator)
+    except AttributeError:  # an mlx-lm whose BatchGenerator is laid out otherwise: mlx-lm's own steps
+        global _unknown_layout
+        if not _unknown_layout:
+            _unknown_layout = True
+            log.warning("mlx-lm's BatchGenerator is not laid out as fused.py expects: prompt slices run as their own forwards")
+        return None
+
+
+_unknown_layout = False
+
+
+def _planned_slice(generator):
     """The prompt tokens the generator's next step will prefill, per prompt, when that step is a plain
     slice beside decoding rows (equal lengths, no prompt joining or leaving the prompt batch); None
     when it is anything else. Mirrors what BatchGenerator._next decides before it prefills."""
