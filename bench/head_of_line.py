@@ -6,7 +6,9 @@ factors (--prefill-slice-factor), through the real runtime.
 For each factor: one stream decodes (chunk per token); after 8 of its tokens a long prompt is sent.
 Reported: the stream's median gap before the join, its worst gap while the long prompt prefills
 (÷ median), the long prompt's time to first token (÷ its time alone, same runtime and factor), and
-the aggregate work while it prefilled (its prompt tokens + the stream's tokens, per second).
+the aggregate work while it prefilled: its prompt tokens + the stream's tokens per second, and the
+"work rate" (that work at each part's solo cost ÷ the time it took together; 1.0 = interleaving
+cost nothing, below 1 = the overhead of small steps).
 `MLX_SIDECAR_FUSED=0` in the environment runs mlx-lm's two forwards per step instead of fused.py's one.
 
     .venv/bin/python bench/head_of_line.py --slice-costs [--default-model | --preset small]
@@ -109,7 +111,10 @@ def one(model, factor, tokens):
             "solo_ttft_s": round(solo_ttft, 2), "ttft_over_solo": round((long_first - long_sent) / solo_ttft, 2),
             "stream_tokens_during_prefill": sum(1 for t in times if long_sent < t <= long_first),
             # Work done per second while the long prompt prefilled: its prompt tokens and the stream's tokens.
-            "aggregate_tok_s": round((tokens + sum(1 for t in times if long_sent < t <= long_first)) / (long_first - long_sent), 1)}
+            "aggregate_tok_s": round((tokens + sum(1 for t in times if long_sent < t <= long_first)) / (long_first - long_sent), 1),
+            # The same work in each part's solo cost (stream tokens at their median gap, the prompt at its
+            # time alone) ÷ the time it took together: 1.0 = interleaving cost nothing.
+            "work_rate": round((sum(1 for t in times if long_sent < t <= long_first) * median + solo_ttft) / (long_first - long_sent), 2)}
 
 
 def slice_costs(model_dir, contexts=(16, 1000, 2000, 2500), sizes=(1, 4, 16, 64)) -> None:
@@ -191,12 +196,12 @@ def main():
     rows = [one(model, float(f), args.prompt_tokens) for f in args.factors.split(",")]
     fused = "two forwards per step (MLX_SIDECAR_FUSED=0)" if os.environ.get("MLX_SIDECAR_FUSED") == "0" else "fused steps"
     print(f"{fused}, {args.prompt_tokens}-token prompt, {'default model' if args.default_model else args.preset}")
-    print("| factor | median gap | worst gap | worst ÷ median | stream tokens during prefill | long TTFT | alone | ÷ alone | aggregate tok/s |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| factor | median gap | worst gap | worst ÷ median | stream tokens during prefill | long TTFT | alone | ÷ alone | aggregate tok/s | work rate |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['factor']:g} | {r['median_gap_ms']} ms | {r['worst_gap_ms']} ms | {r['worst_over_median']} | "
               f"{r['stream_tokens_during_prefill']} | {r['long_ttft_s']} s | {r['solo_ttft_s']} s | {r['ttft_over_solo']} | "
-              f"{r['aggregate_tok_s']} |")
+              f"{r['aggregate_tok_s']} | {r['work_rate']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
