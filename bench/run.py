@@ -115,7 +115,7 @@ def stream(model_dir: str, framings, reps: int, max_tokens: int) -> dict:
     pipes = {}
     for f in framings:
         # Repeated prompts: compare real prefill. A host decodes chunks without checking each against
-        # protocol/'s schemas; that check costs this client ~35 us a token, on the cores the runtime uses.
+        # protocol/'s schemas; that check cost this client 25-35 us a token, on the cores the runtime uses.
         pipes[f] = Pipe(f, args=["--prompt-cache-bytes", "0"], check_schemas=False)
         pipes[f].request("model/load", {"model": model_dir, "id": "m"}, timeout=600)
     in_process_stream(model, tokenizer, 16)  # warm-up
