@@ -224,6 +224,10 @@ def build(vp: Prepared):
     cls, mc = vp.model_class, vp.model_config
     try:
         model = cls.Model(mc)
+    except Exception as e:
+        raise _read_failed(e, prep.source) from None
+    yield
+    try:
         weights = sanitize_weights(model, weights)
         for part, cfg in (("VisionModel", "vision_config"), ("LanguageModel", "text_config"), ("AudioModel", "audio_config")):
             if hasattr(cls, part) and hasattr(mc, cfg):
