@@ -5,10 +5,11 @@ slice's, and each reads every weight. On a machine where that read is most of a 
 running stream's gap is two forwards and a long prompt pays a whole extra forward per slice.
 Here, when a step is a plain slice beside decoding rows, both go through the model as one
 sequence: embeddings, norms, MLPs and the attention projections see decode and slice tokens in one
-matmul, rope, the KV cache and attention run per part with that part's cache and mask, and the last
-norm keeps only the decode rows, so the vocabulary projection runs for them alone. mlx-lm's own step logic stays as it is: the
-model it holds is a `FusingModel` that is told before `next()` which slice the step will take,
-serves the decode call with the fused forward and the slice's call from what that forward wrote.
+matmul; rope, the KV cache and attention run per part with that part's cache and mask; the last
+norm keeps only the decode rows, so the vocabulary projection runs for them alone. mlx-lm's own
+step logic stays as it is: the model it holds is a `FusingModel`, told before `next()` which slice
+the step will take; it serves the decode call with the fused forward and the slice's call from
+what that forward wrote.
 
 Only architectures whose layout this was checked against (tests/test_fused.py) take this path."""
 
