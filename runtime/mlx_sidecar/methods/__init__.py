@@ -8,10 +8,11 @@ import importlib
 PENDING = object()
 
 # method → (module in this package, function)
-_HANDLERS = {
+_FUNCTIONS = {
     "initialize": ("lifecycle", "initialize"),
     "shutdown": ("lifecycle", "shutdown"),
     "exit": ("lifecycle", "exit"),
+    "$/cancelRequest": ("lifecycle", "cancel_request"),
     "runtime/ping": ("runtime", "ping"),
     "runtime/info": ("runtime", "info"),
     "runtime/metrics": ("runtime", "metrics"),
@@ -23,40 +24,32 @@ _HANDLERS = {
     "tokenize": ("tokenize", "tokenize"),
     "detokenize": ("tokenize", "detokenize"),
 }
-
+_REQUESTS = frozenset(_FUNCTIONS) - {"$/cancelRequest"}
 # What runs when sent as a notification: the real notifications, and methods whose effect outlives
 # their answer. Queries (generate, tokenize, runtime/*, ...) would answer nobody, so they are ignored.
-_NOTIFICATIONS = {
-    "exit": ("lifecycle", "exit"),
-    "$/cancelRequest": ("lifecycle", "cancel_request"),
-    "model/load": ("model", "load"),
-    "model/unload": ("model", "unload"),
-}
+_NOTIFICATIONS = frozenset({"exit", "$/cancelRequest", "model/load", "model/unload"})
 
-HANDLERS: dict = {}       # resolved handlers, filled by handler()
-NOTIFICATIONS: dict = {}
+_resolved: dict = {}  # method → its function, imported on first use
 
 
-def _resolve(table: dict, where: dict, method: str):
-    fn = table.get(method)
-    if fn is None and method in where:
-        module, name = where[method]
-        fn = table[method] = getattr(importlib.import_module("." + module, __name__), name)
+def _resolve(method: str):
+    fn = _resolved.get(method)
+    if fn is None:
+        module, name = _FUNCTIONS[method]
+        fn = _resolved[method] = getattr(importlib.import_module("." + module, __name__), name)
     return fn
 
 
 def handler(method: str):
     """The function answering a request for method, or None."""
-    return HANDLERS.get(method) or _resolve(HANDLERS, _HANDLERS, method)
+    return _resolve(method) if method in _REQUESTS else None
 
 
 def notification_handler(method: str):
-    return NOTIFICATIONS.get(method) or _resolve(NOTIFICATIONS, _NOTIFICATIONS, method)
+    return _resolve(method) if method in _NOTIFICATIONS else None
 
 
 def preload() -> None:
     """Import every handler's module (the server calls it once the first answer is written)."""
-    for method in _HANDLERS:
-        handler(method)
-    for method in _NOTIFICATIONS:
-        notification_handler(method)
+    for method in _FUNCTIONS:
+        _resolve(method)
