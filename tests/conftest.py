@@ -92,13 +92,14 @@ def chunks_of(notes, id):
     return [n["params"] for n in notes if n.get("method") == "generate/chunk" and n["params"]["id"] == id]
 
 
-def collect(p, ids, timeout=120):
+def collect(p, ids, timeout=300):
     """Read until every id in ids is answered; returns {id: (answer, chunks)}."""
     answers, notes = {}, []
     deadline = time.monotonic() + timeout
     while len(answers) < len(ids):
         msg = p.recv(max(0.1, deadline - time.monotonic()))
         if "id" in msg and msg["id"] in ids:
+            assert msg["id"] not in answers, f"two answers for {msg['id']}"
             answers[msg["id"]] = msg
         else:
             notes.append(msg)

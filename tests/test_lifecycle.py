@@ -12,10 +12,14 @@ from conftest import chunks_of
 
 
 def test_initialize_is_optional_and_fast_path_imports_stay_light():
-    # What keeps initialize under 0.5 s: the start-up path never imports mlx-lm, transformers or outlines.
+    # What keeps initialize under 0.5 s: the start-up path never imports mlx-lm, transformers or outlines,
+    # and leaves the handlers' own modules (and jsonschema, numpy) for after the first answer (server.py).
     code = ("import sys, mlx_sidecar.cli, mlx_sidecar.server, mlx_sidecar.dispatcher, mlx_sidecar.framing.ndjson, "
             "mlx_sidecar.framing.lsp, mlx_sidecar.framing.msgpack; "
-            "heavy = [m for m in ('mlx_lm', 'mlx_vlm', 'transformers', 'outlines', 'mlx.core') if m in sys.modules]; "
+            "heavy = [m for m in ('mlx_lm', 'mlx_vlm', 'transformers', 'outlines', 'mlx.core', "
+            "'mlx_sidecar.methods.generate', 'mlx_sidecar.methods.model', 'mlx_sidecar.generation', "
+            "'mlx_sidecar.runners', 'mlx_sidecar.models', 'mlx_sidecar.distributed', 'jsonschema', 'numpy') "
+            "if m in sys.modules]; "
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -7,30 +7,15 @@ import json
 import os
 import re
 import shutil
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 from jsonschema import Draft202012Validator
 
-from conftest import ROOT, chunks_of
+from conftest import ROOT, chunks_of, collect
 
 XML_GRAMMAR = (ROOT / "docs" / "xml-grammar.lark").read_text()
-
-
-def collect(p, ids, timeout=300):
-    """Read until every id is answered; {id: (answer, chunks)}."""
-    answers, notes = {}, []
-    deadline = time.monotonic() + timeout
-    while len(answers) < len(ids):
-        msg = p.recv(max(0.1, deadline - time.monotonic()))
-        if "id" in msg and msg["id"] in ids:
-            assert msg["id"] not in answers, f"two answers for {msg['id']}"
-            answers[msg["id"]] = msg
-        else:
-            notes.append(msg)
-    return {i: (answers[i], chunks_of(notes, i)) for i in ids}
 
 
 def schema_format(schema):
