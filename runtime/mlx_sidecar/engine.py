@@ -294,14 +294,23 @@ class Engine:
         loaded = self.models.get(model_id)
         if loaded is None:
             return
-        self.abort_model(model_id)  # nothing in flight: this drops its runner and prompt cache
         self.residency.unloaded(model_id, loaded.info)  # from here a request naming it reloads it
+        self.drop_model(model_id)  # nothing in flight: this drops its runner and prompt cache too
+        log.info("unloaded %r (%s); a request naming it reloads it", model_id, why)
+
+    def drop_model(self, model_id):
+        """Unload a model (engine thread): fail its requests, free its memory, then forget it, so
+        model/list stops showing it loaded once its memory is back. Returns it, or None."""
+        loaded = self.models.get(model_id)
+        if loaded is None:
+            return None
+        self.abort_model(model_id)
         from . import models as model_files
 
         model_files.release(loaded)
         self._snapshot_memory()
-        del self.models[model_id]  # last: model/list shows it unloaded once its memory is back
-        log.info("unloaded %r (%s); a request naming it reloads it", model_id, why)
+        del self.models[model_id]
+        return loaded
 
     def snapshot_memory(self) -> None:
         self._snapshot_memory()

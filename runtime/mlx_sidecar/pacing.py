@@ -18,7 +18,7 @@ class PrefillPacer:
         self.factor = factor             # 0: no pacing, always MAX_SLICE
         self.floor = floor               # the smallest slice while others decode
         self.decode_s = None             # a decode-only step, seconds (running average)
-        self.step_tokens = MIN_SLICE     # prompt tokens per paced step, all prompts together
+        self.step_tokens = floor         # prompt tokens per paced step, all prompts together
         self._progress: dict = {}        # uid → prompt tokens done, from the generator's responses
 
     def slice(self, decoding: bool, prompting: int) -> int:

@@ -218,15 +218,10 @@ def unload(ctx, req):
 
 
 def _unload(engine, model_id):
-    loaded = engine.models.pop(model_id, None)
     known = engine.residency.knows(model_id)
     engine.residency.forget(model_id)  # unloaded by the host: not reloaded on demand
-    if loaded is None:
-        if known:
-            return {"id": model_id}
+    if engine.drop_model(model_id) is None and not known:
         raise model_not_found(model_id)
-    engine.abort_model(model_id)
-    models.release(loaded)
     return {"id": model_id}
 
 
