@@ -228,6 +228,19 @@ def _cgroup_limit() -> int | None:
     return None
 
 
+class Unlimited:
+    """No budget: every request fits at once (a group's followers, which mirror rank 0's decisions)."""
+
+    def fits(self, gen, also=None) -> bool:
+        return True
+
+    def reserve(self, gen) -> None:
+        pass
+
+
+UNLIMITED = Unlimited()
+
+
 class Admission:
     """The KV budget and the reservations against it."""
 

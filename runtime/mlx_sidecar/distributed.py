@@ -458,8 +458,10 @@ class Leader:
             drop = [k for k in self._samplers if k not in used]
             for k in drop:
                 del self._samplers[k]
+        from .admission import UNLIMITED
+
         for r in engine._runners.values():
-            r.admission = None  # the KV budget's waits follow free memory (timing): the followers could not mirror them
+            r.admission = UNLIMITED  # the KV budget's waits follow free memory (timing): the followers could not mirror them
         busy = {mid: [r.pacer.step_tokens, r.pacer.factor] for mid, r in engine._runners.items() if len(r) and hasattr(r, "pacer")}
         if busy or drop:
             self._send({"op": "step", "models": busy, "cancel": cancelled, "ended": ended, "drop": drop})

@@ -19,6 +19,7 @@ import time
 
 from . import defaults, logprobs, speculative
 from . import pacing
+from .admission import UNLIMITED
 from .pacing import PrefillPacer
 from .errors import CANCELLED, GENERATION_FAILED, RpcError
 from .sampling import heal_random_state
@@ -37,7 +38,7 @@ class _Cancelled(Exception):
 
 
 class ModelRunner:
-    admission = None  # the engine's Admission (admission.py): requests start only when their KV fits
+    admission = UNLIMITED  # the engine's Admission (admission.py): requests start only when their KV fits
     # Decode rows and a prompt slice in one forward where the architecture allows (fused.py);
     # MLX_SIDECAR_FUSED=0 keeps mlx-lm's two forwards per step, for bench/head_of_line.py --compare only.
     fuse = os.environ.get("MLX_SIDECAR_FUSED", "1") != "0"
@@ -71,7 +72,7 @@ class ModelRunner:
     # ---- one engine step ----
     def step(self) -> None:
         self._sweep_cancelled()
-        if self.waiting and self._fits(self.waiting[0]):
+        if self.waiting and self.admission.fits(self.waiting[0]):
             if self.batchable and (self.solo is not None or self.active or self._two_fit()):
                 if self.solo is not None and not self._keep_speculating():
                     self._move_solo_into_batch()
@@ -91,16 +92,8 @@ class ModelRunner:
             if not self.active:  # the batch is gone: its figures with it
                 self._batch_s, self._batch_steps = None, 0
 
-    def _fits(self, gen) -> bool:
-        """The memory budget has room for gen's KV cache now (else it waits, in order)."""
-        return self.admission is None or self.admission.fits(gen)
-
     def _two_fit(self) -> bool:
-        return len(self.waiting) > 1 and (self.admission is None or self.admission.fits(self.waiting[0], also=self.waiting[1]))
-
-    def _reserve(self, gen) -> None:
-        if self.admission is not None:
-            self.admission.reserve(gen)
+        return len(self.waiting) > 1 and self.admission.fits(self.waiting[0], also=self.waiting[1])
 
     def _keep_speculating(self) -> bool:
         """A speculating request stays alone beside the batch (one step each per engine step) while
@@ -167,7 +160,7 @@ class ModelRunner:
         from mlx_lm.generate import generate_step
         from mlx_lm.models.cache import make_prompt_cache
 
-        self._reserve(gen)
+        self.admission.reserve(gen)
         cache, rest = self._cached(gen.prompt_ids)
         gen.begin(len(gen.prompt_ids) - len(rest))
         self._solo_cache = cache if cache is not None else make_prompt_cache(self.loaded.model)
@@ -278,9 +271,9 @@ class ModelRunner:
         self.active[uid] = gen
 
     def _fill_batch(self) -> None:
-        while self.waiting and len(self.active) < self.max_batch and self._fits(self.waiting[0]):
+        while self.waiting and len(self.active) < self.max_batch and self.admission.fits(self.waiting[0]):
             gen = self.waiting.popleft()
-            self._reserve(gen)
+            self.admission.reserve(gen)
             cache, rest = self._cached(gen.prompt_ids)
             gen.begin(len(gen.prompt_ids) - len(rest))
             self._insert(gen, rest, cache, gen.prompt_ids[: gen.cached_tokens], gen.max_tokens)

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass, field
 
 from . import logprobs
+from .admission import UNLIMITED
 from .errors import CANCELLED, GENERATION_FAILED, INVALID_PARAMS, MODEL_LOAD_FAILED, RpcError
 from .sampling import heal_random_state
 
@@ -543,7 +544,7 @@ def _cancelled(why: str = "request cancelled") -> RpcError:
 class VisionRunner:
     """The engine's runner for one vision model (the same verbs as runners.ModelRunner)."""
 
-    admission = None  # the engine's Admission (admission.py): requests start only when their KV fits
+    admission = UNLIMITED  # the engine's Admission (admission.py): requests start only when their KV fits
 
     def __init__(self, loaded, max_batch: int, cache_bytes: int):
         self.loaded = loaded
@@ -568,31 +569,24 @@ class VisionRunner:
     def step(self) -> None:
         self._sweep_cancelled()
         # Waiting requests start in arrival order, each once its KV fits in the budget (admission.py).
-        if self.solo is not None and self.waiting and self._joinable(self.solo, self.waiting[0]) and self._fits(self.waiting[0]):
+        if self.solo is not None and self.waiting and self._joinable(self.solo, self.waiting[0]) and self.admission.fits(self.waiting[0]):
             self._move_solo_into_batch()
-        if self.solo is None and self.waiting and self._fits(self.waiting[0]):
+        if self.solo is None and self.waiting and self.admission.fits(self.waiting[0]):
             if self.generator is not None or (self.max_batch > 1 and len(self.waiting) > 1 and self._batchable(self.waiting[0])
                                               and self._two_fit()):
                 self._fill_batch()
-            if self.generator is None and self.waiting and self._fits(self.waiting[0]):
+            if self.generator is None and self.waiting and self.admission.fits(self.waiting[0]):
                 gen = self.waiting.popleft()
-                self._reserve(gen)
+                self.admission.reserve(gen)
                 self._start(gen)
         if self.solo is not None:
             self._step()
         if self.active:
             self._step_batch()
 
-    def _fits(self, gen) -> bool:
-        return self.admission is None or self.admission.fits(gen)
-
     def _two_fit(self) -> bool:
         # A new batch only when its first two requests fit together; else the first runs alone.
-        return self.admission is None or self.admission.fits(self.waiting[0], also=self.waiting[1])
-
-    def _reserve(self, gen) -> None:
-        if self.admission is not None:
-            self.admission.reserve(gen)
+        return self.admission.fits(self.waiting[0], also=self.waiting[1])
 
     def abort(self, error_factory) -> None:
         for gen in list(self.waiting) + list(self.active.values()) + ([self.solo] if self.solo else []):
@@ -670,9 +664,9 @@ class VisionRunner:
             self._new_batch(self.waiting[0].sampler)
         # Joiners in arrival order while they fit; the first that cannot join waits for the batch to end.
         while self.waiting and len(self.active) < self.max_batch and self._batchable(self.waiting[0], self._batch_sampler) \
-                and self._fits(self.waiting[0]):
+                and self.admission.fits(self.waiting[0]):
             gen = self.waiting.popleft()
-            self._reserve(gen)
+            self.admission.reserve(gen)
             try:
                 uid = self._insert(gen)
             except Exception as e:
