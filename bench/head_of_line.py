@@ -105,6 +105,14 @@ def one(model, factor, tokens):
     p.close()
     before = [b - a for a, b in zip(times, times[1:]) if b <= long_sent]
     during = [b - a for a, b in zip(times, times[1:]) if b > long_sent]
+    # Where the slowest gaps fell, by the stream token that ended them: n-th after the long prompt
+    # was sent, or the join (the first after the long prompt's first token) and the ones after it.
+    first_after = [t for t in times if t > long_sent]
+    joined = sum(1 for t in first_after if t <= long_first)
+    worst = sorted(range(len(during)), key=lambda i: -during[i])[:3]
+    print(f"factor {factor:g}: slowest gaps " + ", ".join(
+        f"{during[i] * 1000:.0f} ms ({'sent+%d' % (i + 1) if i < joined else 'join+%d' % (i - joined)})" for i in worst),
+        file=sys.stderr)
     median = statistics.median(before)
     return {"factor": factor, "median_gap_ms": round(median * 1000, 1), "worst_gap_ms": round(max(during) * 1000, 1),
             "worst_over_median": round(max(during) / median, 1), "long_ttft_s": round(long_first - long_sent, 2),

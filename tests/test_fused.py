@@ -31,16 +31,23 @@ def run(model, fuse: bool, slice_tokens: int = 16):
     """Two streams of unequal lengths decoding (so the decode rows carry left padding); at step 3 two
     130-token prompts join (the step that takes them in is not fused) and are prefilled
     `slice_tokens` at a time beside them; at step 20 a 40-token prompt joins alone while the others
-    decode. Returns the tokens and logprobs per request and how many steps fused."""
+    decode; at step 24 one of the 130-token prompts is removed mid-batch, its cache taken out as
+    the runner does on a cancel. Returns the tokens and logprobs per request, how many steps fused
+    and the most parts the decoding batch was kept in."""
     held = fused.FusingModel(model) if fuse else model
     g = BatchGenerator(held, completion_batch_size=8, prefill_batch_size=8, prefill_step_size=512)
+    if fuse:
+        fused.join_in_parts(g)
     g.insert([[1, 2, 3, 4, 5], [11, 12, 13, 14, 15, 16, 17, 18, 19]], max_tokens=[60, 50])
-    tokens, logprobs, fired = {}, {}, 0
+    tokens, logprobs, fired, parts = {}, {}, 0, 1
     for step in range(300):
         if step == 3:
-            g.insert([list(range(7, 137)), list(range(20, 150))], max_tokens=[10, 12])
+            g.insert([list(range(7, 137)), list(range(20, 150))], max_tokens=[10, 14])
         if step == 20:
             g.insert([list(range(200, 240))], max_tokens=[5])
+        if step == 24:
+            (cache, kept), = g.remove([3], return_prompt_caches=True).values()
+            assert cache[0].offset == len(kept) == 130 + len(tokens[3])  # its prompt and what it decoded
         g.prefill_step_size = slice_tokens if step >= 3 else 512
         if fuse:
             rows = fused.planned_slice(g)
@@ -50,23 +57,30 @@ def run(model, fuse: bool, slice_tokens: int = 16):
         _, responses = g.next()
         if fuse:
             assert held.disarm(), "the fused forward wrote a slice the generator never took"
+        layer = g._generation_batch.prompt_cache[:1]
+        if layer and isinstance(layer[0], fused.Parted):
+            parts = max(parts, len(layer[0].parts))
         for r in responses:
             tokens.setdefault(r.uid, []).append(r.token)
             logprobs.setdefault(r.uid, []).append(r.logprobs)
         if step > 20 and not (len(g._generation_batch) or len(g._prompt_batch) or g._unprocessed_sequences):
             break
-    return tokens, logprobs, fired
+    return tokens, logprobs, fired, parts
 
 
 @pytest.mark.parametrize("arch", sorted(fused.ARCHITECTURES - {"mistral"}))  # mistral is llama in mlx-lm
-def test_fused_steps_match_two_forwards(arch):
+@pytest.mark.parametrize("max_parts", [4, 2])  # 2: the 40-token prompt's join merges two parts
+def test_fused_steps_match_two_forwards(arch, max_parts, monkeypatch):
+    monkeypatch.setattr(fused, "MAX_PARTS", max_parts)
     model = tiny(arch)
-    plain, plain_lp, _ = run(model, fuse=False)
+    plain, plain_lp, _, _ = run(model, fuse=False)
     assert fused.prepare(model)
-    same, same_lp, fired = run(model, fuse=True)
+    same, same_lp, fired, parts = run(model, fuse=True)
     # Of the 9 slices of the two 130-token prompts and the 3 of the 40-token one, all but the first of each.
     assert fired >= 9
-    assert {u: len(t) for u, t in plain.items()} == {0: 60, 1: 50, 2: 10, 3: 12, 4: 5}
+    # The streams, the two 130-token prompts and the 40-token one each joined as a part (up to max_parts).
+    assert parts == min(3, max_parts)
+    assert {u: len(t) for u, t in plain.items()} == {0: 60, 1: 50, 2: 10, 3: 11, 4: 5}
     assert same == plain
     for uid in plain_lp:
         for a, b in zip(plain_lp[uid], same_lp[uid]):

@@ -30,34 +30,32 @@ _rows = None  # decode rows of the fused forward running now (the engine thread 
 
 
 class _Parts:
-    """A layer's cache for the fused forward: the decode rows' cache and the slice's."""
+    """A layer's cache for one fused forward: parts of rows, each with its own cache (a
+    BatchKVCache), row count and tokens per row; their tokens lie one after another in the sequence."""
 
-    def __init__(self, gen, prompt, rows: int, prompts: int, length: int):
-        self.gen, self.prompt = gen, prompt
-        self.rows, self.prompts, self.length = rows, prompts, length
+    def __init__(self, parts):
+        self.parts = parts  # [(cache, rows, length)]
 
     def make_mask(self, n, return_array=False, window_size=None):
-        # Called once per mask kind before any layer runs: both parts' masks, from their own offsets.
-        return _Masks(self.gen.make_mask(1, return_array=return_array, window_size=window_size),
-                      self.prompt.make_mask(self.length, return_array=return_array, window_size=window_size))
+        # Called once per mask kind before any layer runs: each part's mask, from its own offsets.
+        return _Masks([c.make_mask(length, return_array=return_array, window_size=window_size)
+                       for c, _, length in self.parts])
 
 
-class _Masks:
-    def __init__(self, gen, prompt):
-        self.gen, self.prompt = gen, prompt
+class _Masks(list):
+    pass
 
 
 def _attention_call(base):
     def __call__(self, x, mask=None, cache=None, **kwargs):
         if not isinstance(cache, _Parts):
             return base(self, x, mask, cache, **kwargs)
-        masks = (mask.gen, mask.prompt) if isinstance(mask, _Masks) else (mask, mask)
-        # The projections see both parts at once (each weight read once); rope, the cache and the
+        masks = mask if isinstance(mask, _Masks) else [mask] * len(cache.parts)
+        # The projections see every part at once (each weight read once); rope, the cache and the
         # attention itself run per part, as mlx-lm's Attention.__call__ does for one batch.
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        shapes = ((cache.rows, 1), (cache.prompts, cache.length))
         out, at = [], 0
-        for (rows, length), part_mask, part_cache in zip(shapes, masks, (cache.gen, cache.prompt)):
+        for (part_cache, rows, length), part_mask in zip(cache.parts, masks):
             end = at + rows * length
             out.append(_attend(self, q[:, at:end], k[:, at:end], v[:, at:end], rows, length, part_mask, part_cache))
             at = end
@@ -84,8 +82,8 @@ def _attend(self, q, k, v, rows, length, mask, cache):
 
 def _final_norm_call(base):
     def __call__(self, x, *args, **kwargs):
-        if _rows is not None and x.ndim == 3 and x.shape[0] == 1 and x.shape[1] > _rows:
-            x = x[:, :_rows].reshape(_rows, 1, x.shape[-1])  # only the decode rows need logits
+        if _rows is not None and x.ndim == 3 and x.shape[0] == 1:
+            x = x[:, :_rows].reshape(_rows, 1, x.shape[-1])  # only the decode rows need logits, one row each
         return base(self, x, *args, **kwargs)
     return __call__
 
@@ -93,16 +91,16 @@ def _final_norm_call(base):
 _classes: dict = {}
 
 
-def _swap_class(module, make) -> None:
-    """Give one module instance a subclass whose __call__ is make(base __call__); its parameters,
-    their names and every other instance of the class stay as they are."""
-    cls = type(module)
+def _swap_class(obj, make, method: str = "__call__") -> None:
+    """Give one instance a subclass whose `method` is make(the base method); its parameters, their
+    names and every other instance of the class stay as they are."""
+    cls = type(obj)
     if getattr(cls, "_sidecar_fused", False):
         return
     key = (cls, make)
     if key not in _classes:
-        _classes[key] = type(cls.__name__, (cls,), {"__call__": make(cls.__call__), "_sidecar_fused": True})
-    module.__class__ = _classes[key]
+        _classes[key] = type(cls.__name__, (cls,), {method: make(getattr(cls, method)), "_sidecar_fused": True})
+    obj.__class__ = _classes[key]
 
 
 def prepare(model) -> bool:
@@ -125,19 +123,104 @@ def prepare(model) -> bool:
     return True
 
 
-def forward(model, inputs, gen_cache, tokens, prompt_cache):
-    """Decode logits (rows, 1, vocab) for `inputs` (rows, 1) and the slice `tokens` (prompts, length)
-    written into `prompt_cache`, in one pass through `model` (prepared with `prepare`)."""
+def forward(model, inputs, gen_cache, tokens=None, prompt_cache=None):
+    """Decode logits (rows, 1, vocab) for `inputs` (rows, 1) against `gen_cache` (per layer a
+    BatchKVCache or a Parted), and, when given, the slice `tokens` (prompts, length) written into
+    `prompt_cache`: all in one pass through `model` (prepared with `prepare`)."""
     global _rows
     rows = inputs.shape[0]
-    prompts, length = tokens.shape
-    sequence = mx.concatenate([inputs.reshape(1, rows), tokens.astype(inputs.dtype).reshape(1, prompts * length)], axis=1)
-    parts = [_Parts(g, p, rows, prompts, length) for g, p in zip(gen_cache, prompt_cache)]
+    sequence = [inputs.reshape(1, rows)]
+    layers = [[(c, _batch_rows(c), 1) for c in (g.parts if isinstance(g, Parted) else [g])] for g in gen_cache]
+    if tokens is not None:
+        prompts, length = tokens.shape
+        sequence.append(tokens.astype(inputs.dtype).reshape(1, prompts * length))
+        for parts, p in zip(layers, prompt_cache):
+            parts.append((p, prompts, length))
     _rows = rows
     try:
-        return model(sequence, cache=parts)
+        return model(mx.concatenate(sequence, axis=1), cache=[_Parts(parts) for parts in layers])
     finally:
         _rows = None
+
+
+def _batch_rows(cache) -> int:
+    return cache.offset.shape[0]
+
+
+MAX_PARTS = 4  # parts per decoding batch; past this the two adjacent ones closest in length merge
+
+
+class Parted:
+    """A decoding batch's KV cache for one layer, kept as parts (BatchKVCaches) instead of one block.
+
+    mlx-lm joins prompts to the decoding rows by left-padding every row to the longest and copying
+    all of them into one buffer (BatchKVCache.extend). When a 2,500-token prompt joins a 300-token
+    chat, that copy is the slowest step the chat sees, and from then on its row attends over 2,500
+    positions, mostly padding. Here a join adds a part: nothing is copied, each part's attention
+    runs over its own length (forward above), and only past MAX_PARTS are two neighbouring parts
+    merged mlx-lm's way. Rows keep their order: part after part, as the batch lists them."""
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+
+    def extend(self, other) -> None:
+        self.parts.extend(other.parts if isinstance(other, Parted) else [other])
+        while len(self.parts) > MAX_PARTS:
+            gaps = [abs(a._idx - b._idx) for a, b in zip(self.parts, self.parts[1:])]
+            self._merge(gaps.index(min(gaps)))
+
+    def _merge(self, i: int) -> None:
+        self.parts[i].extend(self.parts.pop(i + 1))
+
+    def filter(self, keep) -> None:
+        if any(a >= b for a, b in zip(keep, keep[1:])):  # rows reordered: one block, filtered mlx-lm's way
+            while len(self.parts) > 1:
+                self._merge(0)
+            self.parts[0].filter(keep)
+            return
+        parts, start = [], 0
+        for part in self.parts:
+            n = _batch_rows(part)
+            mine = [i - start for i in keep if start <= i < start + n]
+            if mine:
+                if len(mine) < n:
+                    part.filter(mine)
+                parts.append(part)
+            start += n
+        self.parts = parts
+
+    def extract(self, idx: int):
+        for part in self.parts:
+            n = _batch_rows(part)
+            if idx < n:
+                return part.extract(idx)
+            idx -= n
+        raise IndexError("row not in this batch")
+
+    @property
+    def state(self):
+        return [part.state for part in self.parts]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(part.nbytes for part in self.parts)
+
+
+def _parted_extend(base):
+    def extend(self, batch):
+        # A join: the decoding rows' caches become Parted, whose extend keeps the newcomers apart.
+        if self.prompt_cache and batch.prompt_cache:
+            self.prompt_cache = [c if isinstance(c, Parted) else Parted([c]) for c in self.prompt_cache]
+        return base(self, batch)
+    return extend
+
+
+def join_in_parts(generator) -> None:
+    """Make the generator's decoding batch take joining prompts as parts (Parted) from now on."""
+    try:
+        _swap_class(generator._generation_batch, _parted_extend, "extend")
+    except AttributeError:
+        log.warning("mlx-lm's BatchGenerator is not laid out as fused.py expects: joins pad and copy the batch")
 
 
 def planned_slice(generator):
@@ -211,4 +294,8 @@ class FusingModel:
                                        f"not the planned {tuple(tokens.shape)}")
                 self._plan, self._fired = None, False
                 return None  # the fused forward wrote this slice into the cache already
+        if cache and isinstance(cache[0], Parted):  # the decoding batch, in parts
+            if len(cache[0].parts) > 1:
+                return forward(self.model, inputs, cache)
+            cache = [c.parts[0] for c in cache]
         return self.model(inputs, cache=cache, **kwargs)

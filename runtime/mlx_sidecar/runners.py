@@ -261,6 +261,8 @@ class ModelRunner:
             self.pacer.floor = pacing.FUSED_MIN_SLICE if self._fusing else pacing.MIN_SLICE
             self.generator = BatchGenerator(model, completion_batch_size=self.max_batch,
                                             prefill_batch_size=min(self.max_batch, 8), prefill_step_size=PREFILL_STEP)
+            if self._fusing:  # prompts join the decoding rows as parts, without padding or copying (fused.Parted)
+                fused.join_in_parts(self.generator)
         uid = self.generator.insert(
             [prompt], max_tokens=[max_tokens],
             caches=[cache] if cache is not None else None,
