@@ -106,3 +106,41 @@ def test_architectures_it_was_not_checked_against_keep_two_forwards():
     assert not fused.prepare(tiny("llama", layer_types=["sliding_attention", "full_attention"], sliding_window=8))
     gemma = tiny("gemma")
     assert not fused.prepare(gemma)
+
+
+def test_a_long_prompt_fed_in_slices_grows_its_cache_once():
+    # BatchKVCache grows 256 positions at a time, copying all it holds; fused steps size the slice's
+    # cache for the whole prompt at its first fused step instead (fused._reserve). Same tokens as
+    # mlx-lm's own steps, and the buffer holds the whole prompt long before the prompt is done.
+    model = tiny("llama")
+    prompt = [5 + i % 290 for i in range(700)]
+
+    def go(fuse):
+        held = fused.FusingModel(model) if fuse else model
+        g = BatchGenerator(held, completion_batch_size=8, prefill_batch_size=8, prefill_step_size=512)
+        g.insert([[1, 2, 3]], max_tokens=[80])
+        g.next()
+        g.insert([prompt], max_tokens=[3])
+        g.prefill_step_size = 16
+        out, sizes = {}, []
+        while len(g._generation_batch) or len(g._prompt_batch) or g._unprocessed_sequences:
+            rows = fused.planned_slice(g) if fuse else None
+            if rows is not None:
+                held.arm(g, rows)
+            _, responses = g.next()
+            if fuse:
+                assert held.disarm()
+            if len(g._prompt_batch) and g._prompt_batch.prompt_cache[0].keys is not None:
+                sizes.append(g._prompt_batch.prompt_cache[0].keys.shape[2])
+            for r in responses:
+                out.setdefault(r.uid, []).append((r.token, r.logprobs))
+        return out, sizes
+
+    plain, plain_sizes = go(False)
+    assert fused.prepare(model)
+    same, sizes = go(True)
+    assert [t for t, _ in same[1]] == [t for t, _ in plain[1]] and len(same[1]) == 3
+    for (_, a), (_, b) in zip(plain[1] + plain[0], same[1] + same[0]):
+        assert mx.allclose(a, b, atol=1e-4, rtol=1e-4).item()
+    assert plain_sizes[0] < 300 and len(set(plain_sizes)) >= 3  # mlx-lm's: grown as it goes, 256 at a time
+    assert sizes[1] >= 700 and len(set(sizes[1:])) == 1  # fused: the whole prompt from its first fused step

@@ -216,7 +216,11 @@ def _parted_extend(base):
 
 
 def join_in_parts(generator) -> None:
-    """Make the generator's decoding batch take joining prompts as parts (Parted) from now on."""
+    """Make the generator's decoding batch take joining prompts as parts (Parted) from now on. Only
+    on a CPU, where the copy costs what it measured: on a GPU it is cheap and each part would add
+    kernel launches to every step, so there the batch stays one block, as mlx-lm keeps it."""
+    if mx.default_device().type != mx.DeviceType.cpu:
+        return
     try:
         _swap_class(generator._generation_batch, _parted_extend, "extend")
     except AttributeError:
@@ -258,6 +262,24 @@ def _planned_slice(generator):
     return rows
 
 
+def _reserve(caches, more: int) -> None:
+    """Grow each BatchKVCache's buffers at once to hold `more` tokens beyond what they hold now.
+    BatchKVCache grows 256 positions at a time, copying all it holds: a long prompt fed in small
+    slices would pay that copy, at its whole context, inside one running stream's gap every 256
+    tokens. Here it is paid once, early, when the context is still short."""
+    for c in caches:
+        keys, values, held = getattr(c, "keys", None), getattr(c, "values", None), getattr(c, "_idx", None)
+        if keys is None or held is None or held + more <= keys.shape[2]:
+            continue
+        size = -(-(held + more) // c.step) * c.step
+        grown = []
+        for a in (keys, values):
+            b = mx.zeros((*a.shape[:2], size, a.shape[3]), a.dtype)
+            b[..., :held, :] = a[..., :held, :]
+            grown.append(b)
+        c.keys, c.values = grown
+
+
 class FusingModel:
     """What the BatchGenerator holds instead of the model: plain calls pass through; after `arm`,
     the next decode call runs the fused forward and the slice's call that follows is already done."""
@@ -271,7 +293,9 @@ class FusingModel:
         return getattr(self.model, name)
 
     def arm(self, generator, rows) -> None:
-        self._plan = (generator._generation_batch.prompt_cache, generator._prompt_batch.prompt_cache, mx.array(rows))
+        prompt_cache = generator._prompt_batch.prompt_cache
+        _reserve(prompt_cache, max(sum(len(s) for s in seq[0]) for seq in generator._currently_processing))
+        self._plan = (generator._generation_batch.prompt_cache, prompt_cache, mx.array(rows))
         self._fired = False
 
     def disarm(self) -> bool:
