@@ -11,6 +11,10 @@ step logic stays as it is: the model it holds is a `FusingModel`, told before `n
 the step will take; it serves the decode call with the fused forward and the slice's call from
 what that forward wrote.
 
+The same per-part attention lets a prompt that finishes prefilling join the decoding rows as a
+part of their batch (`Parted`, on a CPU) instead of a padded copy of every row, and a prompt fed in
+slices gets its KV buffers sized once for the whole prompt (`_reserve`).
+
 Only architectures whose layout this was checked against (tests/test_fused.py) take this path."""
 
 from __future__ import annotations
