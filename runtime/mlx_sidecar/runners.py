@@ -60,7 +60,7 @@ class ModelRunner:
         self._solo_spec = False       # True: _solo_tokens is speculative.generate (lists of tokens per step)
         self._batch_s = None          # recent seconds per batch step (moving average)
         self._batch_steps = 0
-        self._moved = False           # a lone request just moved into the batch: no prompt slice this step
+        self._moved = 0               # steps left without a prompt slice: a lone request just moved into the batch
         self._fusing = False          # the generator holds a fused.FusingModel
 
     def __len__(self) -> int:
@@ -233,7 +233,7 @@ class ModelRunner:
         if not gen.tokens or not can_trim_prompt_cache(cache):
             return  # not started yet or cannot rewind: let it finish alone
         self.solo = self._solo_tokens = self._solo_cache = None
-        self._moved = True
+        self._moved = 2
         if self._solo_spec:
             # A speculative step ends with its last token not yet fed and nothing drawn ahead:
             # the batch feeds that token, without speculation from here on.
@@ -284,11 +284,12 @@ class ModelRunner:
         # Size this step's prompt slice so running streams are not starved (pacing.py).
         waiting_first = sum(1 for g in self.active.values() if g.first_at is None)
         decoding = waiting_first < len(self.active)
-        # The step that takes in a moved request re-feeds its last token and yields nothing for it:
-        # adding a prompt slice there would double its gap.
+        # The step that takes in a moved request re-feeds its last token and yields nothing for it; the
+        # token that forward draws comes out at the end of the next step. A prompt slice in either
+        # step would land inside that one gap, already two forwards long.
         size = self.pacer.slice(decoding, waiting_first)
         self.generator.prefill_step_size = 0 if self._moved else size
-        self._moved = False
+        self._moved = max(0, self._moved - 1)
         fusing = self._fusing
         try:
             if fusing:  # a plain slice beside decoding rows: one forward for both (fused.py)
