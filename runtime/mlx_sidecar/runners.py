@@ -288,8 +288,8 @@ class ModelRunner:
         # token that forward draws comes out at the end of the next step. A prompt slice in either
         # step would land inside that one gap, already two forwards long.
         size = self.pacer.slice(decoding, waiting_first)
-        self.generator.prefill_step_size = 0 if self._moved else size
-        self._moved = max(0, self._moved - 1)
+        moving, self._moved = self._moved > 0, max(0, self._moved - 1)
+        self.generator.prefill_step_size = 0 if moving else size
         fusing = self._fusing
         try:
             if fusing:  # a plain slice beside decoding rows: one forward for both (fused.py)
@@ -303,7 +303,8 @@ class ModelRunner:
             took = time.perf_counter() - started
             if fusing and not self.generator.model.disarm():
                 raise RuntimeError("fused step: the prompt slice was computed but the batch never took it")
-            self.pacer.observe(prompt_responses, took, bool(responses))
+            # A move's steps also finish its re-fed forward: not a decode step the pacer should learn.
+            self.pacer.observe(prompt_responses, took, bool(responses) and not moving)
             if prompt_responses and log.isEnabledFor(logging.DEBUG):  # --log-level debug: what pacing did
                 log.debug("batch step %.1f ms: %d decoded, prompt slice %d, prompts at %s", took * 1000, len(responses),
                           self.generator.prefill_step_size, [r.progress for r in prompt_responses])
