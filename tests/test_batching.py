@@ -193,3 +193,28 @@ def test_moving_a_running_request_into_a_batch_keeps_its_output(loaded, params):
     out = collect(p, [gid] + others)
     assert out[gid][0]["result"]["text"] == alone
     assert all(out[i][0]["result"]["usage"]["completion_tokens"] == 50 for i in others)
+
+
+def test_requests_joining_one_by_one_keep_their_output(loaded):
+    # Six prompts of different lengths join a running stream at different steps: on a CPU each join
+    # adds a part to the decoding batch (fused.Parted; past four, neighbours merge), and rows leave
+    # from the middle as they finish or are cancelled. Every answer is what the request gives alone.
+    p = loaded
+    first = {"model": "m", "prompt": "Begin", "max_tokens": 400, "temperature": 0, "stream_options": {"chunk_tokens": 1}}
+    params = [{"model": "m", "prompt": " ".join(["w%d" % (j % 7) for j in range(3 + 25 * i)]), "max_tokens": 30 + 17 * i,
+               "temperature": 0} for i in range(6)]
+    alone = [p.request("generate", q)[0]["result"]["text"] for q in [first] + params]
+    run = p.start("generate", first)
+    ids, seen, doomed = [], 0, None
+    while len(ids) < len(params):
+        msg = p.recv()
+        if msg.get("method") == "generate/chunk" and msg["params"]["id"] == run:
+            seen += 1
+            if seen % 6 == 0:
+                ids.append(p.start("generate", params[len(ids)]))
+                if len(ids) == 3:
+                    doomed = p.start("generate", {**params[5], "max_tokens": 1000})
+    p.notify("$/cancelRequest", {"id": doomed})
+    out = collect(p, [run, doomed] + ids)
+    assert out[doomed][0]["error"]["data"]["finish_reason"] == "cancelled"
+    assert [out[i][0]["result"]["text"] for i in [run] + ids] == alone
