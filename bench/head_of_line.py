@@ -107,22 +107,22 @@ def one(model, factor, tokens):
     during = [b - a for a, b in zip(times, times[1:]) if b > long_sent]
     # Where the slowest gaps fell, by the stream token that ended them: n-th after the long prompt
     # was sent, or the join (the first after the long prompt's first token) and the ones after it.
-    first_after = [t for t in times if t > long_sent]
-    joined = sum(1 for t in first_after if t <= long_first)
+    streamed = sum(1 for t in times if long_sent < t <= long_first)  # the stream's tokens during the prefill
     worst = sorted(range(len(during)), key=lambda i: -during[i])[:3]
     print(f"factor {factor:g}: slowest gaps " + ", ".join(
-        f"{during[i] * 1000:.0f} ms ({'sent+%d' % (i + 1) if i < joined else 'join+%d' % (i - joined)})" for i in worst),
+        f"{during[i] * 1000:.0f} ms ({'sent+%d' % (i + 1) if i < streamed else 'join+%d' % (i - streamed)})" for i in worst),
         file=sys.stderr)
     median = statistics.median(before)
+    took = long_first - long_sent
     return {"factor": factor, "median_gap_ms": round(median * 1000, 1), "worst_gap_ms": round(max(during) * 1000, 1),
-            "worst_over_median": round(max(during) / median, 1), "long_ttft_s": round(long_first - long_sent, 2),
-            "solo_ttft_s": round(solo_ttft, 2), "ttft_over_solo": round((long_first - long_sent) / solo_ttft, 2),
-            "stream_tokens_during_prefill": sum(1 for t in times if long_sent < t <= long_first),
+            "worst_over_median": round(max(during) / median, 1), "long_ttft_s": round(took, 2),
+            "solo_ttft_s": round(solo_ttft, 2), "ttft_over_solo": round(took / solo_ttft, 2),
+            "stream_tokens_during_prefill": streamed,
             # Work done per second while the long prompt prefilled: its prompt tokens and the stream's tokens.
-            "aggregate_tok_s": round((tokens + sum(1 for t in times if long_sent < t <= long_first)) / (long_first - long_sent), 1),
+            "aggregate_tok_s": round((tokens + streamed) / took, 1),
             # The same work in each part's solo cost (stream tokens at their median gap, the prompt at its
             # time alone) ÷ the time it took together: 1.0 = interleaving cost nothing.
-            "work_rate": round((sum(1 for t in times if long_sent < t <= long_first) * median + solo_ttft) / (long_first - long_sent), 2)}
+            "work_rate": round((streamed * median + solo_ttft) / took, 2)}
 
 
 def slice_costs(model_dir, contexts=(16, 1000, 2000, 2500), sizes=(1, 4, 16, 64)) -> None:

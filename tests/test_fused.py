@@ -60,6 +60,8 @@ def run(model, fuse: bool, slice_tokens: int = 16):
         layer = g._generation_batch.prompt_cache[:1]
         if layer and isinstance(layer[0], fused.Parted):
             parts = max(parts, len(layer[0].parts))
+            # mlx-lm's public size of all held caches still adds up through the parts.
+            assert g.prompt_cache_nbytes >= sum(p.keys.nbytes + p.values.nbytes for p in layer[0].parts)
         for r in responses:
             tokens.setdefault(r.uid, []).append(r.token)
             logprobs.setdefault(r.uid, []).append(r.logprobs)

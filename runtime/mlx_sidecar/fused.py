@@ -202,11 +202,7 @@ class Parted:
         raise IndexError("row not in this batch")
 
     @property
-    def state(self):
-        return [part.state for part in self.parts]
-
-    @property
-    def nbytes(self) -> int:
+    def nbytes(self) -> int:  # BatchGenerator.prompt_cache_nbytes sums this over the decoding batch
         return sum(part.nbytes for part in self.parts)
 
 

@@ -17,10 +17,8 @@ import logging
 import os
 import time
 
-from . import defaults, logprobs, speculative
-from . import pacing
+from . import defaults, logprobs, pacing, speculative
 from .admission import UNLIMITED
-from .pacing import PrefillPacer
 from .errors import CANCELLED, GENERATION_FAILED, RpcError
 from .sampling import heal_random_state
 
@@ -40,7 +38,7 @@ class _Cancelled(Exception):
 class ModelRunner:
     admission = UNLIMITED  # the engine's Admission (admission.py): requests start only when their KV fits
     # Decode rows and a prompt slice in one forward where the architecture allows (fused.py);
-    # MLX_SIDECAR_FUSED=0 keeps mlx-lm's two forwards per step, for bench/head_of_line.py --compare only.
+    # MLX_SIDECAR_FUSED=0 keeps mlx-lm's two forwards per step: for bench/head_of_line.py's comparisons only.
     fuse = os.environ.get("MLX_SIDECAR_FUSED", "1") != "0"
 
     def __init__(self, loaded, max_batch: int, cache_bytes: int):
@@ -48,7 +46,7 @@ class ModelRunner:
 
         self.loaded = loaded
         self.max_batch = max_batch
-        self.pacer = PrefillPacer(defaults.PREFILL_SLICE_FACTOR)  # prompt slices between decode steps
+        self.pacer = pacing.PrefillPacer(defaults.PREFILL_SLICE_FACTOR)  # prompt slices between decode steps
         self.batchable = all(hasattr(c, "merge") for c in make_prompt_cache(loaded.model))
         self.prompt_cache = LRUPromptCache(max_size=64, max_bytes=cache_bytes) if cache_bytes > 0 else None
         self.waiting: collections.deque = collections.deque()
